@@ -1,0 +1,57 @@
+"""Calling a managed module tree with a flat vector: validate, make views, bind, call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from ._checks import check_buffers, check_flat_param
+from ._inject import Core, call_bound, innermost
+
+__all__ = ["call", "resolve"]
+
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def resolve(
+    core: Core, flat_param: Tensor | None, buffers: Any
+) -> tuple[tuple[Tensor, ...], list[Tensor] | None]:
+    """Validate ``flat_param`` (1-D) and ``buffers``, and return the tensors to bind.
+
+    ``None`` means "what is in effect now": the innermost binding's tensors in this thread,
+    else the module's own. Raises before anything is touched.
+    """
+    outer = innermost(core) if flat_param is None or buffers is None else None
+    if flat_param is None:
+        params = outer[1] if outer is not None else core.own_views()
+    else:
+        ref = core.flat()
+        ok = (
+            type(flat_param) in _PLAIN
+            and flat_param.shape == ref.shape
+            and flat_param.dtype == ref.dtype
+            and flat_param.device == ref.device
+        )
+        if not ok:
+            check_flat_param(flat_param, core.layout.numel, ref)
+        params = core.views(flat_param)
+    if buffers is None:
+        bufs = outer[2] if outer is not None else None
+    else:
+        bufs = check_buffers(buffers, core.buffer_names, core.own_buffers())
+    return params, bufs
+
+
+def call(
+    core: Core,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    flat_param: Tensor | None = None,
+    buffers: Any = None,
+) -> Any:
+    """``fn(*args, **kwargs)`` with the tree of ``core`` seeing ``flat_param``/``buffers``."""
+    params, bufs = resolve(core, flat_param, buffers)
+    return call_bound(core, params, bufs, fn, args, kwargs)

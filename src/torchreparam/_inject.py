@@ -1,0 +1,325 @@
+"""Putting a flat vector into a module: per-thread bindings read through per-class properties.
+
+Each submodule that holds a managed parameter (or any buffer) gets a generated subclass of its
+own class whose parameter and buffer names are properties. A property looks up the innermost
+binding of this module tree in a ``ContextVar`` (so each thread, and each nested call, sees its
+own tensors) and otherwise returns the module's own weights: cached views of ``flat_param``.
+Nothing on the module is ever swapped in or out, so nothing has to be put back after a call,
+whatever it raised.
+
+``torch.compile`` cannot trace ``ContextVar``; while compiling, bindings live on the core
+instead (the compiled graph takes the tensors as inputs, so it needs no per-thread state).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._layout import FlatLayout
+from ._views import ViewMaker
+
+__all__ = ["Core", "bind", "call_bound", "innermost", "install", "uninstall", "core_of", "CORE_KEY"]
+
+CORE_KEY = "_torchreparam_core"
+
+
+# A binding is ``(core, params, buffers, outer)``: the tensors one call (or ``with`` block)
+# puts into one module tree, linked to the binding it shadows. Tuples: the getters read them on
+# every attribute access, and a tuple is the cheapest thing to build and to index.
+_Binding = tuple  # (Core, tuple[Tensor, ...], list[Tensor] | None, _Binding | None)
+
+_ACTIVE: contextvars.ContextVar[_Binding | None] = contextvars.ContextVar(
+    "torchreparam_active", default=None
+)
+_active = _ACTIVE.get
+_is_dynamo = torch.compiler.is_dynamo_compiling  # ContextVar is opaque to dynamo: avoid it there
+
+
+def innermost(core: Core) -> _Binding | None:
+    """This thread's innermost binding of ``core``'s tree, if any."""
+    binding = _active()
+    while binding is not None and binding[0] is not core:
+        binding = binding[3]
+    return binding
+
+
+class Core:
+    """What every managed submodule of one wrapped tree shares: layout, views, bindings."""
+
+    def __init__(
+        self,
+        layout: FlatLayout,
+        holder: nn.Module,
+        buffer_sites: dict[str, tuple[nn.Module, str]],
+    ) -> None:
+        self.layout = layout
+        self.views = ViewMaker(layout)
+        self.holder = holder  # the module whose ``flat_param`` parameter backs the tree
+        # buffers in module.buffers() order: full name -> (owning module, local name)
+        self.buffer_names = tuple(buffer_sites)
+        self.buffer_sites = tuple(buffer_sites.values())
+        self.compiled: tuple[tuple[Tensor, ...], list[Tensor] | None] | None = None
+        self.loading_flat = False  # a wrapper-format state dict is being loaded
+        self._cache: tuple[Tensor, tuple[int, int, bool], tuple[Tensor, ...]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"] = None  # views are derived; they are rebuilt on first use
+        state["compiled"] = None
+        return state
+
+    def flat(self) -> Tensor:
+        """The current flat parameter (looked up each time: ``.to()`` or FSDP may replace it)."""
+        return self.holder._parameters["flat_param"]  # type: ignore[return-value]
+
+    def own_views(self) -> tuple[Tensor, ...]:
+        """Views of ``flat_param``, cached until it is modified in place, moved or replaced."""
+        flat = self.holder._parameters["flat_param"]
+        cache = self._cache
+        if (
+            cache is not None
+            and cache[0] is flat
+            and cache[1] == (flat._version, flat.data_ptr(), flat.requires_grad)  # type: ignore[union-attr]
+        ):
+            return cache[2]
+        assert flat is not None
+        if not self.views.fast_path_ok(flat):
+            return self.views.traceable(flat)
+        if torch.is_inference_mode_enabled():
+            return self.views(flat)  # views made here carry no graph: never cache them
+        with torch.enable_grad():  # cached views must carry the graph to flat_param
+            views = self.views(flat)
+        self._cache = (flat, (flat._version, flat.data_ptr(), flat.requires_grad), views)
+        return views
+
+    def own_buffers(self) -> list[Tensor]:
+        """The module's own buffers, in ``module.buffers()`` order."""
+        return [module._buffers[name] for module, name in self.buffer_sites]  # type: ignore[misc]
+
+    def bound_buffers(self) -> list[Tensor] | None:
+        """The buffers bound by the innermost binding of this tree, if it bound any."""
+        if _is_dynamo():
+            compiled = self.compiled
+            return compiled[1] if compiled is not None else None
+        binding = innermost(self)
+        return binding[2] if binding is not None else None
+
+
+@contextmanager
+def bind(core: Core, params: tuple[Tensor, ...], buffers: list[Tensor] | None) -> Iterator[None]:
+    """Within the block, this thread's calls of the tree see ``params`` and ``buffers``."""
+    if _is_dynamo():
+        outer = core.compiled
+        core.compiled = (params, buffers)
+        try:
+            yield
+        finally:
+            core.compiled = outer
+        return
+    token = _ACTIVE.set((core, params, buffers, _active()))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def call_bound(
+    core: Core,
+    params: tuple[Tensor, ...],
+    buffers: list[Tensor] | None,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """``fn(*args, **kwargs)`` with ``params``/``buffers`` bound: :func:`bind` without a generator."""
+    if _is_dynamo():
+        with bind(core, params, buffers):
+            return fn(*args, **kwargs)
+    token = _ACTIVE.set((core, params, buffers, _active()))
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _ACTIVE.reset(token)
+
+
+# ---- generated classes ------------------------------------------------------------------
+# key: (base class, param order as ((name, slot or None), ...), buffers as ((name, slot), ...))
+_Spec = tuple[type, tuple[tuple[str, int | None], ...], tuple[tuple[str, int], ...]]
+_CLASSES: weakref.WeakValueDictionary[_Spec, type] = weakref.WeakValueDictionary()
+
+
+def _param_property(name: str, slot: int) -> property:
+    def fget(module: nn.Module) -> Tensor:
+        core: Core = module.__dict__[CORE_KEY]
+        if _is_dynamo():
+            compiled = core.compiled
+            return compiled[0][slot] if compiled is not None else core.views.traceable(core.flat())[slot]
+        binding = _active()  # the hot path: inlined innermost(core)
+        while binding is not None:
+            if binding[0] is core:
+                return binding[1][slot]  # type: ignore[no-any-return]
+            binding = binding[3]
+        return core.own_views()[slot]
+
+    fget.__name__ = name
+    return property(fget, doc=f"{name}: a view of the bound flat vector (managed by torchreparam)")
+
+
+def _buffer_property(name: str, slot: int) -> property:
+    def fget(module: nn.Module) -> Tensor:
+        bound = module.__dict__[CORE_KEY].bound_buffers()
+        return module._buffers[name] if bound is None else bound[slot]  # type: ignore[return-value]
+
+    fget.__name__ = name
+    return property(fget, doc=f"{name}: the bound buffer, else the module's own")
+
+
+def _rebuild(spec: _Spec) -> nn.Module:
+    """Unpickling: a bare instance of the generated class for ``spec``."""
+    return object.__new__(managed_class(spec))  # type: ignore[no-any-return]
+
+
+def managed_class(spec: _Spec) -> type:
+    """The generated subclass for ``spec`` (cached: equal specs share one class)."""
+    cls = _CLASSES.get(spec)
+    if cls is None:
+        cls = _make_class(spec)
+        _CLASSES[spec] = cls
+    return cls
+
+
+def _make_class(spec: _Spec) -> type:
+    base, order, buffers = spec
+    managed = {name: slot for name, slot in order if slot is not None}
+    buffer_slots = dict(buffers)
+
+    def __setattr__(self: nn.Module, name: str, value: Any) -> None:
+        if name in managed:
+            raise AttributeError(
+                f"cannot assign to {name!r} of {base.__name__}: it is a view of the flat "
+                "parameter managed by torchreparam; write into flat_param (for example with "
+                "load_state_dict) or call the wrapper with flat_param=..."
+            )
+        if name in buffer_slots:
+            bound = self.__dict__[CORE_KEY].bound_buffers()
+            if bound is not None:  # keep the module's own buffer untouched: rebind instead
+                bound[buffer_slots[name]] = value
+                return
+        base.__setattr__(self, name, value)
+
+    def __reduce_ex__(self: nn.Module, protocol: Any) -> tuple[Any, ...]:
+        return (_rebuild, (spec,), self.__getstate__())
+
+    def _save_to_state_dict(
+        self: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
+        own = self.__dict__[CORE_KEY].own_views()
+        rest: dict[str, Any] = {}
+        base._save_to_state_dict(self, rest, prefix, keep_vars)  # type: ignore[attr-defined]
+        for name, slot in order:  # parameters first, in their registration order
+            key = prefix + name
+            if slot is not None:
+                destination[key] = own[slot] if keep_vars else own[slot].detach()
+            elif key in rest:
+                destination[key] = rest.pop(key)
+        destination.update(rest)
+
+    def _load_from_state_dict(
+        self: nn.Module,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        core = self.__dict__[CORE_KEY]
+        keys = {prefix + name: slot for name, slot in managed.items()}
+        others = {k: v for k, v in state_dict.items() if k not in keys}
+        base._load_from_state_dict(  # type: ignore[attr-defined]
+            self, others, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        own = core.own_views()
+        for key, slot in keys.items():
+            if key not in state_dict:
+                if strict and not core.loading_flat:
+                    missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            if not isinstance(value, Tensor) or value.shape != own[slot].shape:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {shape} from "
+                    f"checkpoint, the shape in current model is {tuple(own[slot].shape)}."
+                )
+                continue
+            with torch.no_grad():
+                own[slot].copy_(value)
+            own = core.own_views()  # the copy bumped flat_param's version
+
+    namespace: dict[str, Any] = {
+        "__setattr__": __setattr__,
+        "__reduce_ex__": __reduce_ex__,
+        "_save_to_state_dict": _save_to_state_dict,
+        "_load_from_state_dict": _load_from_state_dict,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "_torchreparam_spec": spec,
+    }
+    namespace.update({name: _param_property(name, slot) for name, slot in managed.items()})
+    namespace.update({name: _buffer_property(name, slot) for name, slot in buffers})
+    return type(base.__name__, (base,), namespace)
+
+
+# ---- installing on a module tree --------------------------------------------------------
+def core_of(module: nn.Module) -> Core | None:
+    """The core managing ``module``, if torchreparam manages it."""
+    return module.__dict__.get(CORE_KEY)
+
+
+def install(core: Core, root: nn.Module) -> None:
+    """Turn every managed parameter and every buffer of ``root`` into a property of ``core``.
+
+    The managed parameters are removed from their modules (their data lives in ``flat_param``).
+    """
+    buffer_slots = {id(m._buffers[n]): i for i, (m, n) in enumerate(core.buffer_sites)}
+    index = {name: i for i, e in enumerate(core.layout.entries) for name in (e.name, *e.aliases)}
+    for prefix, module in root.named_modules(remove_duplicate=True, prefix=""):
+        dot = f"{prefix}." if prefix else ""
+        order = tuple(
+            (name, index.get(dot + name)) for name, p in module._parameters.items() if p is not None
+        )
+        buffers = tuple(
+            (name, buffer_slots[id(b)]) for name, b in module._buffers.items() if b is not None
+        )
+        if not buffers and all(slot is None for _, slot in order):
+            continue
+        cls = managed_class((type(module), order, buffers))
+        for name, slot in order:
+            if slot is not None:
+                del module._parameters[name]
+        module.__dict__[CORE_KEY] = core
+        module.__class__ = cls
+
+
+def uninstall(root: nn.Module, params: dict[str, nn.Parameter]) -> None:
+    """Undo :func:`install`: restore classes and register ``params`` (name -> Parameter)."""
+    for prefix, module in root.named_modules(remove_duplicate=True, prefix=""):
+        spec = getattr(type(module), "_torchreparam_spec", None)
+        if spec is None:
+            continue
+        dot = f"{prefix}." if prefix else ""
+        restored = dict(module._parameters)
+        module._parameters.clear()
+        for name, slot in spec[1]:
+            module._parameters[name] = params[dot + name] if slot is not None else restored[name]
+        module.__class__ = spec[0]
+        del module.__dict__[CORE_KEY]

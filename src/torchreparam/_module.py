@@ -1,0 +1,301 @@
+"""``ReparamModule``: the original torchreparam surface over the new mechanism."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._call import call, resolve
+from ._checks import StateDictMismatchError, describe_state_dict_problems, same_device
+from ._inject import CORE_KEY, Core, bind, install
+from ._layout import FlatLayout, Include, aliases_of, select_parameters
+from ._trace import Traced
+
+__all__ = ["ReparamModule"]
+
+
+class ReparamModule(nn.Module):
+    """Wrap ``module`` so that all its parameters live in one flat vector, ``flat_param``.
+
+    The module's parameters become views of ``flat_param`` (shared storage), and the module can
+    be called with any other flat vector, differentiably: ``r(x, flat_param=theta)``. The
+    vector is ``torch.cat([p.reshape(-1) for p in module.parameters()])`` of the unwrapped
+    module (tied parameters once), as in the original torchreparam.
+
+    Calls are thread-safe (each thread, and each nested call, sees its own vector), never
+    change the module's own weights or buffers, and leave it intact whatever they raise.
+
+    Args:
+        module: the model to wrap. It is taken over in place: its managed parameters are
+            removed and its classes replaced by subclasses that read ``flat_param``; it keeps
+            working on its own (``module(x)``) and its ``state_dict()`` keeps its keys.
+        include: which parameters go into ``flat_param``: ``None``/``"all"`` (every
+            parameter; all must agree on ``requires_grad``), ``"trainable"`` (frozen ones stay
+            ordinary parameters of the module) or a predicate ``include(name, param) -> bool``.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``, or ``include`` has the wrong type.
+        ValueError: the module is already wrapped, has lazy parameters, or its selected
+            parameters mix dtypes, devices or ``requires_grad``.
+
+    Example:
+        >>> import torch
+        >>> from torchreparam import ReparamModule
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> r = ReparamModule(net)
+        >>> r.param_numel, tuple(r.parameters()) == (r.flat_param,)
+        (58, True)
+        >>> x = torch.randn(3, 4)
+        >>> torch.equal(r(x), net(x))
+        True
+        >>> theta = torch.zeros(58, requires_grad=True)
+        >>> r(x, flat_param=theta).shape
+        torch.Size([3, 2])
+    """
+
+    flat_param: nn.Parameter
+    module: nn.Module
+
+    def __init__(self, module: nn.Module, *, include: Include = None) -> None:
+        super().__init__()
+        _check_wrappable(module)
+        selected = select_parameters(module, include)
+        requires_grad = _common_requires_grad(selected)
+        device = same_device(selected) or _buffer_device(module)
+        layout = FlatLayout.from_named_tensors(selected, aliases=aliases_of(module, selected))
+        with torch.no_grad():
+            flat = torch.empty(layout.numel, dtype=layout.dtype, device=device)
+            for entry, param in zip(layout.entries, selected.values(), strict=True):
+                flat[entry.slice].copy_(param.reshape(-1))
+        del selected  # the module's own parameters are freed once install() drops them
+        self.flat_param = nn.Parameter(flat, requires_grad=requires_grad)
+        self.module = module
+        sites = {name: _buffer_site(module, name) for name, _ in module.named_buffers()}
+        self._core = Core(layout, self, sites)
+        self._traced: Traced | None = None
+        install(self._core, module)
+        self.register_state_dict_post_hook(_drop_managed_keys)
+        self.register_load_state_dict_post_hook(_end_flat_load)
+
+    # ---- the original surface -----------------------------------------------------------
+    @property
+    def param_numel(self) -> int:
+        """Number of elements of ``flat_param``."""
+        return self._core.layout.numel
+
+    @property
+    def layout(self) -> FlatLayout:
+        """The :class:`FlatLayout` of ``flat_param``: names, shapes, offsets, tied aliases."""
+        return self._core.layout
+
+    def forward(
+        self,
+        *inputs: Any,
+        flat_param: Tensor | None = None,
+        buffers: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call the wrapped module with ``flat_param`` (and ``buffers``) in place of its own.
+
+        Args:
+            *inputs: positional inputs of the wrapped module.
+            flat_param: ``(num_params,)``; ``None`` means the module's own ``flat_param`` (or
+                the vector bound by an enclosing :meth:`unflattened_param` block).
+            buffers: a tuple in ``module.buffers()`` order, or a dict ``{name: tensor}`` for
+                some of them; ``None`` means the module's own.
+            **kwargs: keyword inputs of the wrapped module.
+
+        Raises:
+            TypeError, ValueError: ``flat_param`` or ``buffers`` do not fit the module (raised
+                before anything is touched).
+        """
+        traced = self._traced
+        if traced is not None and not kwargs and traced.accepts(flat_param, inputs):
+            return traced(flat_param, buffers, inputs)
+        return call(self._core, self.module, inputs, kwargs, flat_param, buffers)
+
+    @contextmanager
+    def unflattened_param(self, flat_param: Tensor) -> Iterator[None]:
+        """Within the block, calls of the module in this thread use ``flat_param``.
+
+        Args:
+            flat_param: ``(num_params,)``.
+        """
+        params, buffers = resolve(self._core, flat_param, None)
+        with bind(self._core, params, buffers):
+            yield
+
+    @contextmanager
+    def replaced_buffers(self, buffers: Any) -> Iterator[None]:
+        """Within the block, calls of the module in this thread use ``buffers``.
+
+        Args:
+            buffers: a tuple in ``module.buffers()`` order, or a dict ``{name: tensor}``.
+        """
+        params, bound = resolve(self._core, None, buffers)
+        with bind(self._core, params, bound):
+            yield
+
+    def trace(self, example_input: Any, **trace_kwargs: Any) -> ReparamModule:
+        """Trace the module with TorchScript so that later calls with one vector run faster.
+
+        The traced graph takes the flat vector and the buffers as inputs, so it follows
+        ``flat_param`` and buffer updates. It is traced again, on first use, for every
+        train/eval configuration of the submodules, so it follows ``.train()``/``.eval()``.
+        Calls with keyword inputs or a population of vectors use the untraced path.
+
+        Args:
+            example_input: an input, or a tuple of positional inputs, of the wrapped module.
+            **trace_kwargs: passed to ``torch.jit.trace`` (for example ``strict=False``).
+
+        Returns:
+            ``self``.
+        """
+        inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+        traced = Traced(self._core, self.module, trace_kwargs)
+        traced.prepare(self.flat_param, inputs)  # trace now, so that errors surface here
+        self._traced = traced
+        return self
+
+    def extra_repr(self) -> str:
+        return f"param_numel={self.param_numel}, dtype={self._core.layout.dtype}"
+
+    # ---- state dicts --------------------------------------------------------------------
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Load the wrapper's own state dict, or one of the unwrapped module (original keys).
+
+        Everything is checked before anything is copied: a mismatch raises
+        :class:`StateDictMismatchError` listing every problem, and changes nothing.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        ours = self._as_wrapper_format(state_dict, strict)
+        return super().load_state_dict(ours, strict=strict, assign=assign)
+
+    def _as_wrapper_format(self, given: Mapping[str, Any], strict: bool) -> dict[str, Any]:
+        """``given`` in this wrapper's keys, after checking every key and shape."""
+        expected = self.state_dict(keep_vars=True)
+        layout = self._core.layout
+        wrapper_format = "flat_param" in given or all(k.startswith("module.") for k in given)
+        if wrapper_format:
+            ours, shown = dict(given), {k: k for k in given}
+        else:
+            ours, shown = self._from_module_format(given)
+        missing = [shown.get(k, k.removeprefix("module.")) for k in expected if k not in ours]
+        unexpected = [shown[k] for k in ours if k not in expected]
+        mismatched = [
+            f"{shown[k]}: shape {tuple(v.shape)} in the state dict, "
+            f"{tuple(expected[k].shape)} in the module"
+            for k, v in ours.items()
+            if k in expected and isinstance(v, Tensor) and v.shape != expected[k].shape
+        ]
+        if not wrapper_format:
+            missing = [m for m in missing if m != "flat_param"]
+            missing += [e.name for e in layout if not any(n in given for n in (e.name, *e.aliases))]
+        if mismatched or (strict and (missing or unexpected)):
+            raise StateDictMismatchError(
+                "cannot load the state dict (nothing was changed): "
+                + describe_state_dict_problems(
+                    missing if strict else [], unexpected if strict else [], mismatched
+                )
+            )
+        out: dict[str, Any] = OrderedDict(ours)
+        metadata = getattr(given, "_metadata", None)
+        if metadata is not None:
+            prefix = "" if wrapper_format else "module"
+            out._metadata = OrderedDict(  # type: ignore[attr-defined]
+                (f"{prefix}.{k}".strip(".") if prefix else k, v) for k, v in metadata.items()
+            )
+        return out
+
+    def _from_module_format(self, given: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """Translate a state dict of the unwrapped module into this wrapper's keys."""
+        layout = self._core.layout
+        ours: dict[str, Any] = {}
+        shown: dict[str, str] = {}
+        for key, value in given.items():
+            if key not in layout:
+                ours["module." + key] = value
+                shown["module." + key] = key
+        with torch.no_grad():
+            flat = self.flat_param.detach().clone()
+            for entry in layout:
+                names = [n for n in (entry.name, *entry.aliases) if n in given]
+                value = given[names[0]] if names else None
+                if isinstance(value, Tensor) and tuple(value.shape) == entry.shape:
+                    flat[entry.slice] = value.reshape(-1)
+                elif names:  # report the mismatch under the user's key
+                    ours["module." + names[0]] = value
+                    shown["module." + names[0]] = names[0]
+        ours["flat_param"] = flat
+        shown["flat_param"] = "flat_param"
+        return ours, shown
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        # Managed parameters come in through flat_param: their own keys are not expected.
+        self._core.loading_flat = prefix + "flat_param" in state_dict
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
+
+
+# ---- helpers ----------------------------------------------------------------------------
+def _check_wrappable(module: object) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if isinstance(module, ReparamModule):
+        raise ValueError(
+            "module is already a ReparamModule; use it directly (its .module is the model)"
+        )
+    for name, sub in module.named_modules():
+        where = f"its submodule {name!r}" if name else "module"
+        if isinstance(sub, ReparamModule):
+            raise ValueError(
+                f"{where} is a ReparamModule; wrap the whole unwrapped model once instead "
+                "(a ReparamModule's .module is its unwrapped model)"
+            )
+        if CORE_KEY in sub.__dict__:
+            raise ValueError(
+                f"{where} is already managed by a ReparamModule; wrap the whole model once, "
+                "or keep using the existing wrapper"
+            )
+
+
+def _common_requires_grad(selected: Mapping[str, nn.Parameter]) -> bool:
+    frozen = [n for n, p in selected.items() if not p.requires_grad]
+    if frozen and len(frozen) < len(selected):
+        raise ValueError(
+            f"module has trainable and frozen (requires_grad=False) parameters; frozen: "
+            f"{frozen}. flat_param has one requires_grad flag, and torchreparam will not make "
+            "frozen parameters trainable silently: pass include='trainable' to keep them out of "
+            "flat_param (they stay ordinary frozen parameters), or unfreeze them first"
+        )
+    return not frozen or not selected
+
+
+def _buffer_device(module: nn.Module) -> torch.device:
+    return next((b.device for b in module.buffers()), torch.device("cpu"))
+
+
+def _buffer_site(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    owner, _, local = name.rpartition(".")
+    return root.get_submodule(owner), local
+
+
+def _drop_managed_keys(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """The wrapper's state dict holds ``flat_param``, not the views under their own keys."""
+    layout = module._core.layout  # type: ignore[union-attr]
+    for entry in layout:
+        for name in (entry.name, *entry.aliases):
+            state_dict.pop(f"{prefix}module.{name}", None)
+
+
+def _end_flat_load(module: nn.Module, incompatible_keys: Any) -> None:
+    module._core.loading_flat = False  # type: ignore[union-attr]

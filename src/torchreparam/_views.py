@@ -1,0 +1,104 @@
+"""Making parameter-shaped views of a flat vector, fast, with a gradient that is one tensor.
+
+Two paths give the same values and gradients:
+
+- the fast path (plain tensors in eager mode): one C++ call makes every view; when the flat
+  vector requires grad, an ``autograd.Function`` wraps it so that the backward is a single
+  ``torch.cat`` of the views' gradients (per-view ``narrow`` backwards would each build a
+  full-length gradient: O(tensors x N));
+- the traceable path (``torch.compile``, ``torch.jit.trace``, ``torch.func`` transforms, tensor
+  subclasses, zero-size parameters): ``split`` + ``view``, plain aten ops every tracer knows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._layout import FlatLayout
+
+__all__ = ["ViewMaker"]
+
+_unflatten = torch._C._nn.unflatten_dense_tensors
+_flatten = torch._C._nn.flatten_dense_tensors  # one C++ cat of the reshaped grads
+_below_view_tracking = torch._C._AutoDispatchBelowADInplaceOrView
+_functorch_active = torch._C._are_functorch_transforms_active
+_is_tracing = torch._C._is_tracing
+_is_compiling = torch.compiler.is_compiling  # dynamo and export
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+class _Unflatten(torch.autograd.Function):
+    """Views of ``flat`` shaped like ``refs``; backward: one differentiable ``cat``."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, refs: Sequence[Tensor]) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return tuple(_unflatten(flat, refs))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        # Grads arrive materialized (zeros for unused views), so the cat always has N elements.
+        # The cat is made of differentiable ops: second-order gradients (MAML) flow through it.
+        return _flatten(grads), None
+
+
+# ``Function.apply`` first maps functorch's unwrapping over every argument (~2 us here); the
+# fast path has already ruled functorch out, so it calls the C++ apply directly when present.
+_base_apply = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
+_apply_unflatten = (
+    _base_apply.__get__(None, _Unflatten) if _base_apply is not None else _Unflatten.apply
+)
+
+
+class ViewMaker:
+    """Turns a flat vector into a tuple of views, one per layout entry, in layout order."""
+
+    __slots__ = ("refs", "shapes", "sizes", "always_traceable")
+
+    def __init__(self, layout: FlatLayout) -> None:
+        self.shapes = tuple(e.shape for e in layout.entries)
+        self.sizes = tuple(e.numel for e in layout.entries)
+        # Shape carriers for the C++ unflatten, which reads only sizes: meta tensors cost nothing.
+        self.refs = [torch.empty(s, device="meta") for s in self.shapes]
+        # The C++ unflatten returns (0,)-shaped fresh tensors for empty entries: not views.
+        self.always_traceable = any(n == 0 for n in self.sizes)
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"shapes": self.shapes, "sizes": self.sizes, "always": self.always_traceable}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.shapes = state["shapes"]  # type: ignore[assignment]
+        self.sizes = state["sizes"]  # type: ignore[assignment]
+        self.always_traceable = state["always"]  # type: ignore[assignment]
+        self.refs = [torch.empty(s, device="meta") for s in self.shapes]
+
+    def fast_path_ok(self, flat: Tensor) -> bool:
+        """Whether ``flat`` can take the C++ path: a plain tensor, outside every tracer."""
+        return (
+            type(flat) in _PLAIN
+            and not self.always_traceable
+            and not _is_compiling()
+            and not _is_tracing()
+            and not _functorch_active()
+        )
+
+    def __call__(self, flat: Tensor) -> tuple[Tensor, ...]:
+        """Views of ``flat`` (shape ``(num_params,)``), differentiable w.r.t. ``flat``."""
+        if not self.fast_path_ok(flat):
+            return self.traceable(flat)
+        if not torch.is_grad_enabled():
+            # No graph is recorded, so autograd's view bookkeeping buys nothing here.
+            with _below_view_tracking():
+                return tuple(_unflatten(flat, self.refs))
+        if flat.requires_grad:
+            return _apply_unflatten(flat, self.refs)  # type: ignore[no-any-return]
+        return tuple(_unflatten(flat, self.refs))
+
+    def traceable(self, flat: Tensor) -> tuple[Tensor, ...]:
+        """``split`` + ``view``: the path every tracer and ``torch.func`` transform supports."""
+        return tuple(
+            chunk.view(shape)
+            for chunk, shape in zip(flat.split(self.sizes), self.shapes, strict=True)
+        )
