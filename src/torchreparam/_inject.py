@@ -300,8 +300,8 @@ def install(core: Core, root: nn.Module) -> None:
         buffers = tuple(
             (name, buffer_slots[id(b)]) for name, b in module._buffers.items() if b is not None
         )
-        if not buffers and all(slot is None for _, slot in order):
-            continue
+        if module is not root and not buffers and all(slot is None for _, slot in order):
+            continue  # nothing to manage here (the root is always marked as managed)
         cls = managed_class((type(module), order, buffers))
         for name, slot in order:
             if slot is not None:

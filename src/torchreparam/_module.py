@@ -182,61 +182,61 @@ class ReparamModule(nn.Module):
     def _as_wrapper_format(self, given: Mapping[str, Any], strict: bool) -> dict[str, Any]:
         """``given`` in this wrapper's keys, after checking every key and shape."""
         expected = self.state_dict(keep_vars=True)
-        layout = self._core.layout
         wrapper_format = "flat_param" in given or all(k.startswith("module.") for k in given)
         if wrapper_format:
-            ours, shown = dict(given), {k: k for k in given}
+            ours, shown, missing, mismatched = dict(given), {k: k for k in given}, [], []
         else:
-            ours, shown = self._from_module_format(given)
-        missing = [shown.get(k, k.removeprefix("module.")) for k in expected if k not in ours]
+            ours, shown, missing, mismatched = self._from_module_format(given)
+        missing += [shown.get(k, k.removeprefix("module.")) for k in expected if k not in ours]
         unexpected = [shown[k] for k in ours if k not in expected]
-        mismatched = [
+        mismatched += [
             f"{shown[k]}: shape {tuple(v.shape)} in the state dict, "
             f"{tuple(expected[k].shape)} in the module"
             for k, v in ours.items()
             if k in expected and isinstance(v, Tensor) and v.shape != expected[k].shape
         ]
-        if not wrapper_format:
-            missing = [m for m in missing if m != "flat_param"]
-            missing += [e.name for e in layout if not any(n in given for n in (e.name, *e.aliases))]
-        if mismatched or (strict and (missing or unexpected)):
+        if not strict:
+            missing, unexpected = [], []
+        if missing or unexpected or mismatched:
             raise StateDictMismatchError(
                 "cannot load the state dict (nothing was changed): "
-                + describe_state_dict_problems(
-                    missing if strict else [], unexpected if strict else [], mismatched
-                )
+                + describe_state_dict_problems(missing, unexpected, mismatched)
             )
         out: dict[str, Any] = OrderedDict(ours)
         metadata = getattr(given, "_metadata", None)
-        if metadata is not None:
-            prefix = "" if wrapper_format else "module"
+        if metadata is not None:  # per-module versions (BatchNorm reads them), re-keyed
             out._metadata = OrderedDict(  # type: ignore[attr-defined]
-                (f"{prefix}.{k}".strip(".") if prefix else k, v) for k, v in metadata.items()
+                (k if wrapper_format else f"module.{k}".rstrip("."), v) for k, v in metadata.items()
             )
         return out
 
-    def _from_module_format(self, given: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-        """Translate a state dict of the unwrapped module into this wrapper's keys."""
+    def _from_module_format(
+        self, given: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, str], list[str], list[str]]:
+        """A state dict of the unwrapped module in this wrapper's keys, with its problems:
+        (state dict, wrapper key -> the user's key, missing keys, mismatched shapes)."""
         layout = self._core.layout
-        ours: dict[str, Any] = {}
-        shown: dict[str, str] = {}
-        for key, value in given.items():
-            if key not in layout:
-                ours["module." + key] = value
-                shown["module." + key] = key
+        ours = {"module." + k: v for k, v in given.items() if k not in layout}
+        shown = {"module." + k: k for k in given if k not in layout}
+        missing, mismatched = [], []
         with torch.no_grad():
             flat = self.flat_param.detach().clone()
             for entry in layout:
                 names = [n for n in (entry.name, *entry.aliases) if n in given]
-                value = given[names[0]] if names else None
+                if not names:
+                    missing.append(entry.name)
+                    continue
+                value = given[names[0]]
                 if isinstance(value, Tensor) and tuple(value.shape) == entry.shape:
                     flat[entry.slice] = value.reshape(-1)
-                elif names:  # report the mismatch under the user's key
-                    ours["module." + names[0]] = value
-                    shown["module." + names[0]] = names[0]
+                else:
+                    found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    mismatched.append(
+                        f"{names[0]}: shape {found} in the state dict, {entry.shape} in the module"
+                    )
         ours["flat_param"] = flat
         shown["flat_param"] = "flat_param"
-        return ours, shown
+        return ours, shown, missing, mismatched
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         # Managed parameters come in through flat_param: their own keys are not expected.
