@@ -44,6 +44,9 @@ _is_dynamo = torch.compiler.is_dynamo_compiling  # ContextVar is opaque to dynam
 
 def innermost(core: Core) -> _Binding | None:
     """This thread's innermost binding of ``core``'s tree, if any."""
+    if _is_dynamo():
+        compiled = core.compiled
+        return None if compiled is None else (core, compiled[0], compiled[1], None)
     binding = _active()
     while binding is not None and binding[0] is not core:
         binding = binding[3]
@@ -67,6 +70,7 @@ class Core:
         self.buffer_sites = tuple(buffer_sites.values())
         self.compiled: tuple[tuple[Tensor, ...], list[Tensor] | None] | None = None
         self.loading_flat = False  # a wrapper-format state dict is being loaded
+        self.applying = False  # the holder's _apply is converting the whole tree
         self._cache: tuple[Tensor, tuple[int, int, bool], tuple[Tensor, ...]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -82,6 +86,8 @@ class Core:
     def own_views(self) -> tuple[Tensor, ...]:
         """Views of ``flat_param``, cached until it is modified in place, moved or replaced."""
         flat = self.holder._parameters["flat_param"]
+        if _is_dynamo():  # the graph reads flat_param itself: no cache, no version checks
+            return self.views.traceable(flat)  # type: ignore[arg-type]
         cache = self._cache
         if (
             cache is not None
@@ -99,15 +105,21 @@ class Core:
         self._cache = (flat, (flat._version, flat.data_ptr(), flat.requires_grad), views)
         return views
 
+    @contextmanager
+    def converting(self) -> Iterator[None]:
+        """Within the block, the root's ``_apply`` does not delegate to the holder."""
+        self.applying = True
+        try:
+            yield
+        finally:
+            self.applying = False
+
     def own_buffers(self) -> list[Tensor]:
         """The module's own buffers, in ``module.buffers()`` order."""
         return [module._buffers[name] for module, name in self.buffer_sites]  # type: ignore[misc]
 
     def bound_buffers(self) -> list[Tensor] | None:
         """The buffers bound by the innermost binding of this tree, if it bound any."""
-        if _is_dynamo():
-            compiled = self.compiled
-            return compiled[1] if compiled is not None else None
         binding = innermost(self)
         return binding[2] if binding is not None else None
 
@@ -150,8 +162,9 @@ def call_bound(
 
 
 # ---- generated classes ------------------------------------------------------------------
-# key: (base class, param order as ((name, slot or None), ...), buffers as ((name, slot), ...))
-_Spec = tuple[type, tuple[tuple[str, int | None], ...], tuple[tuple[str, int], ...]]
+# key: (base class, param order as ((name, slot or None), ...), buffers as ((name, slot), ...),
+# whether the module is the root of the managed tree)
+_Spec = tuple[type, tuple[tuple[str, int | None], ...], tuple[tuple[str, int], ...], bool]
 _CLASSES: weakref.WeakValueDictionary[_Spec, type] = weakref.WeakValueDictionary()
 
 
@@ -160,7 +173,7 @@ def _param_property(name: str, slot: int) -> property:
         core: Core = module.__dict__[CORE_KEY]
         if _is_dynamo():
             compiled = core.compiled
-            return compiled[0][slot] if compiled is not None else core.views.traceable(core.flat())[slot]
+            return compiled[0][slot] if compiled is not None else core.own_views()[slot]
         binding = _active()  # the hot path: inlined innermost(core)
         while binding is not None:
             if binding[0] is core:
@@ -196,7 +209,7 @@ def managed_class(spec: _Spec) -> type:
 
 
 def _make_class(spec: _Spec) -> type:
-    base, order, buffers = spec
+    base, order, buffers, is_root = spec
     managed = {name: slot for name, slot in order if slot is not None}
     buffer_slots = dict(buffers)
 
@@ -265,7 +278,18 @@ def _make_class(spec: _Spec) -> type:
                 own[slot].copy_(value)
             own = core.own_views()  # the copy bumped flat_param's version
 
+    def _apply(self: nn.Module, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        # ``module.double()`` on the unwrapped root converts flat_param too (it holds the data).
+        core = self.__dict__[CORE_KEY]
+        if not is_root or core.applying:
+            return base._apply(self, fn, recurse)  # type: ignore[no-any-return]
+        with core.converting():
+            core.holder._apply(fn, recurse=False)  # flat_param (its views follow)
+            base._apply(self, fn, recurse)
+        return self
+
     namespace: dict[str, Any] = {
+        "_apply": _apply,
         "__setattr__": __setattr__,
         "__reduce_ex__": __reduce_ex__,
         "_save_to_state_dict": _save_to_state_dict,
@@ -302,7 +326,7 @@ def install(core: Core, root: nn.Module) -> None:
         )
         if module is not root and not buffers and all(slot is None for _, slot in order):
             continue  # nothing to manage here (the root is always marked as managed)
-        cls = managed_class((type(module), order, buffers))
+        cls = managed_class((type(module), order, buffers, module is root))
         for name, slot in order:
             if slot is not None:
                 del module._parameters[name]

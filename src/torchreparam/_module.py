@@ -68,6 +68,8 @@ class ReparamModule(nn.Module):
         requires_grad = _common_requires_grad(selected)
         device = same_device(selected) or _buffer_device(module)
         layout = FlatLayout.from_named_tensors(selected, aliases=aliases_of(module, selected))
+        if not selected:  # nothing to hold: follow the buffers' floating dtype, if any
+            layout = FlatLayout((), _buffer_dtype(module))
         with torch.no_grad():
             flat = torch.empty(layout.numel, dtype=layout.dtype, device=device)
             for entry, param in zip(layout.entries, selected.values(), strict=True):
@@ -164,6 +166,10 @@ class ReparamModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"param_numel={self.param_numel}, dtype={self._core.layout.dtype}"
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ReparamModule:
+        with self._core.converting():  # the module's root would otherwise delegate back here
+            return super()._apply(fn, recurse)  # type: ignore[no-any-return]
 
     # ---- state dicts --------------------------------------------------------------------
     def load_state_dict(
@@ -280,6 +286,11 @@ def _common_requires_grad(selected: Mapping[str, nn.Parameter]) -> bool:
 
 def _buffer_device(module: nn.Module) -> torch.device:
     return next((b.device for b in module.buffers()), torch.device("cpu"))
+
+
+def _buffer_dtype(module: nn.Module) -> torch.dtype:
+    floats = (b.dtype for b in module.buffers() if b.is_floating_point())
+    return next(floats, torch.get_default_dtype())
 
 
 def _buffer_site(root: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -1,0 +1,66 @@
+"""torch.compile(fullgraph=True): one graph, reused for new vectors, right values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build, reference
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
+
+
+def test_one_graph_reused_for_new_vectors() -> None:
+    r, twin, (x,) = build("convbn")
+    r.eval()
+    twin.eval()
+    counter = CompileCounter()
+    f = torch.compile(lambda t, inp: r(inp, flat_param=t), fullgraph=True, backend=counter)
+    for _ in range(3):
+        theta = torch.randn(r.param_numel)
+        torch.testing.assert_close(f(theta, x), reference(twin, r.layout, theta, (x,)))
+    assert counter.frame_count == 1
+
+
+def test_own_weights_and_the_unwrapped_module_compile_and_follow_updates() -> None:
+    r, twin, (x,) = build("mlp")
+    counter = CompileCounter()
+    via_wrapper = torch.compile(lambda inp: r(inp), fullgraph=True, backend=counter)
+    via_module = torch.compile(lambda inp: r.module(inp), fullgraph=True, backend=counter)
+    torch.testing.assert_close(via_wrapper(x), twin(x))
+    torch.testing.assert_close(via_module(x), twin(x))
+    with torch.no_grad():
+        r.flat_param.mul_(2)
+        for p in twin.parameters():
+            p.mul_(2)
+    torch.testing.assert_close(via_wrapper(x), twin(x))
+    torch.testing.assert_close(via_module(x), twin(x))
+    assert counter.frame_count == 2
+
+
+def test_gradients_through_compiled_calls() -> None:
+    r, twin, (x,) = build("convbn")
+    f = torch.compile(lambda t, inp: r(inp, flat_param=t), fullgraph=True, backend="aot_eager")
+    theta = torch.randn(r.param_numel, requires_grad=True)
+    ref = theta.detach().clone().requires_grad_()
+    f(theta, x).square().sum().backward()
+    reference(twin, r.layout, ref, (x,)).square().sum().backward()
+    torch.testing.assert_close(theta.grad, ref.grad)
+
+
+# inductor's own internals use the deprecated torch.jit.script_method
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_inductor_compiles_one_graph() -> None:
+    r, twin, (x,) = build("mlp")
+    counter = CompileCounterWithBackend("inductor")
+    f = torch.compile(lambda t, inp: r(inp, flat_param=t), fullgraph=True, backend=counter)
+    for _ in range(2):
+        theta = torch.randn(r.param_numel)
+        torch.testing.assert_close(f(theta, x), reference(twin, r.layout, theta, (x,)))
+    assert counter.frame_count == 1
+
+
+def test_eager_calls_in_other_threads_are_unaffected_by_a_compiled_call() -> None:
+    r, twin, (x,) = build("mlp")
+    f = torch.compile(lambda t, inp: r(inp, flat_param=t), fullgraph=True, backend="eager")
+    f(torch.randn(r.param_numel), x)
+    assert r._core.compiled is None  # nothing left bound on the core after compiling
+    assert torch.equal(r(x), twin(x))

@@ -1,0 +1,114 @@
+"""Clear answers for odd modules: no parameters, lazy, mixed dtypes/devices, frozen, complex."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from conftest import mlp, reference
+from torch import nn
+
+from torchreparam import ReparamModule
+
+
+def test_module_without_parameters() -> None:
+    r = ReparamModule(nn.ReLU())
+    x = torch.randn(3)
+    assert r.param_numel == 0 and r.flat_param.shape == (0,)
+    assert torch.equal(r(x), torch.relu(x))
+    assert torch.equal(r(x, flat_param=torch.zeros(0)), torch.relu(x))
+
+
+def test_module_with_only_buffers() -> None:
+    net = nn.BatchNorm1d(3, affine=False)
+    r = ReparamModule(net)
+    x = torch.randn(4, 3)
+    twin = copy.deepcopy(net)
+    assert torch.equal(r(x), twin(x))
+    assert list(r.state_dict()) == ["flat_param", "module.running_mean", "module.running_var", "module.num_batches_tracked"]
+
+
+def test_lazy_module_is_refused_until_initialized() -> None:
+    net = nn.Sequential(nn.LazyLinear(3))
+    message = (
+        "module has uninitialized lazy parameters (0.bias, 0.weight); run one forward pass "
+        "with an example input before wrapping, so that their shapes are known"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ReparamModule(net)
+    assert isinstance(net[0], nn.LazyLinear)  # untouched
+    net(torch.randn(2, 4))
+    r = ReparamModule(net)
+    assert r.param_numel == 15
+
+
+def test_mixed_dtypes_are_refused_clearly() -> None:
+    net = mlp()
+    net[2].double()
+    with pytest.raises(ValueError, match=re.escape("parameters must share one dtype to live in one flat vector, got ['torch.float32', 'torch.float64']")):
+        ReparamModule(net)
+    r = ReparamModule(net, include=lambda name, p: p.dtype == torch.float32)  # or choose a subset
+    assert r.layout.names == ("0.weight", "0.bias")
+
+
+def test_mixed_devices_are_refused_clearly() -> None:
+    net = mlp()
+    net[2].to("meta")
+    with pytest.raises(ValueError, match=re.escape("parameters must be on one device to live in one flat vector, got ['cpu', 'meta']")):
+        ReparamModule(net)
+
+
+def test_frozen_parameters_are_never_made_trainable_silently() -> None:
+    net = mlp()
+    net[0].requires_grad_(False)
+    twin = copy.deepcopy(net)
+    with pytest.raises(ValueError, match=re.escape("module has trainable and frozen (requires_grad=False) parameters; frozen: ['0.weight', '0.bias']")):
+        ReparamModule(net)
+    assert isinstance(net[0].weight, nn.Parameter)  # untouched by the refusal
+    r = ReparamModule(net, include="trainable")
+    assert r.layout.names == ("2.weight", "2.bias")
+    params = dict(r.named_parameters())
+    assert list(params) == ["flat_param", "module.0.weight", "module.0.bias"]
+    assert not params["module.0.weight"].requires_grad
+    x = torch.randn(4, 5)
+    theta = torch.randn(r.param_numel, requires_grad=True)
+    out = r(x, flat_param=theta)
+    assert torch.equal(out, torch.func.functional_call(twin, r.layout.unflatten(theta), (x,)))
+    out.sum().backward()
+    assert net[0].weight.grad is None and theta.grad is not None
+    assert list(r.module.state_dict()) == list(twin.state_dict())
+
+
+def test_all_frozen_gives_a_frozen_flat_param() -> None:
+    net = mlp().requires_grad_(False)
+    r = ReparamModule(net)
+    assert not r.flat_param.requires_grad
+    assert not r(torch.randn(2, 5)).requires_grad
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature:UserWarning")  # torch's
+def test_complex_parameters() -> None:
+    net = nn.Linear(3, 2).to(torch.complex64)
+    twin = copy.deepcopy(net)
+    r = ReparamModule(net)
+    x = torch.randn(4, 3, dtype=torch.complex64)
+    assert r.flat_param.dtype == torch.complex64
+    assert torch.equal(r(x), twin(x))
+    theta = torch.randn(r.param_numel, dtype=torch.complex64)
+    assert torch.equal(r(x, flat_param=theta), reference(twin, r.layout, theta, (x,)))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op:UserWarning")
+def test_zero_sized_parameters_keep_their_shapes() -> None:
+    net = nn.Sequential(nn.Linear(3, 0), nn.Linear(0, 2))
+    twin = copy.deepcopy(net)
+    r = ReparamModule(net)
+    x = torch.randn(4, 3)
+    assert r.module[0].weight.shape == (0, 3)
+    theta = torch.randn(r.param_numel, requires_grad=True)
+    out = r(x, flat_param=theta)
+    assert torch.equal(out, reference(twin, r.layout, theta, (x,)))
+    out.sum().backward()
+    assert theta.grad.shape == (2,)
