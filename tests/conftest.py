@@ -74,7 +74,9 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def build(name: str, dtype: torch.dtype = torch.float32) -> tuple[ReparamModule, nn.Module, tuple[Any, ...]]:
+def build(
+    name: str, dtype: torch.dtype = torch.float32
+) -> tuple[ReparamModule, nn.Module, tuple[Any, ...]]:
     """(wrapper, unwrapped twin, example inputs) for model ``name``."""
     factory, inputs = MODELS[name]
     net = factory().to(dtype)
@@ -110,7 +112,7 @@ def unchanged(r: ReparamModule, *args: Any) -> Iterator[None]:
     assert r.flat_param is flat
     assert_same_state(state, snapshot(r))
     assert_same_state(inner_state, snapshot(r.module))
-    from torchreparam._inject import innermost  # noqa: PLC0415  (test-only peek at internals)
+    from torchreparam._inject import innermost
 
     assert innermost(r._core) is None
     if args:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import re
 from collections import OrderedDict
 
 import pytest
@@ -18,7 +19,8 @@ from torchreparam import ReparamModule
 def _shares_storage(r: ReparamModule) -> bool:
     base = r.flat_param.untyped_storage().data_ptr()
     return all(
-        t.untyped_storage().data_ptr() == base for t in r.module.state_dict(keep_vars=True).values()
+        t.untyped_storage().data_ptr() == base
+        for t in r.module.state_dict(keep_vars=True).values()
         if t.dtype == r.flat_param.dtype and t.shape != () and t.dim() > 0 and _is_param(r, t)
     )
 
@@ -41,12 +43,15 @@ def _assert_coherent(r: ReparamModule) -> None:
     flat = r.flat_param
     for entry, view in zip(r.layout, _params_of(r), strict=True):
         assert view.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr(), entry.name
-        assert view.dtype == flat.dtype and view.device == flat.device
+        assert view.dtype == flat.dtype
+        assert view.device == flat.device
         assert torch.equal(view.detach(), flat.detach()[entry.slice].view(entry.shape)), entry.name
 
 
 @pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
-def test_unwrapped_module_keeps_working_with_autograd_after_optimizer_steps(optimizer: type) -> None:
+def test_unwrapped_module_keeps_working_with_autograd_after_optimizer_steps(
+    optimizer: type,
+) -> None:
     r, twin, (x,) = build("convbn")
     opt = optimizer([r.flat_param], lr=0.1)
     twin_opt = optimizer(twin.parameters(), lr=0.1)
@@ -69,7 +74,7 @@ def test_fused_adam_on_flat_param() -> None:
 
 
 def test_in_place_writes_through_module_attributes_reach_flat_param() -> None:
-    r, _, (x,) = build("mlp")
+    r, _, (_x,) = build("mlp")
     with torch.no_grad():
         r.module[0].weight.fill_(0.5)  # as nn.init does after wrapping
     assert torch.all(r.layout.view(r.flat_param, "0.weight") == 0.5)
@@ -107,7 +112,7 @@ def test_converting_the_unwrapped_module_moves_flat_param_too() -> None:
 
 
 def test_deepcopy_is_independent_and_coherent() -> None:
-    r, twin, (x,) = build("convbn")
+    r, _twin, (x,) = build("convbn")
     r(x, flat_param=torch.randn(r.param_numel))  # leave cached views and a graph around
     c = copy.deepcopy(r)  # the original raised here
     _assert_coherent(c)
@@ -143,13 +148,18 @@ def test_torch_save_load_of_the_whole_wrapper() -> None:
 
 
 def test_state_dict_round_trip_with_weights_only_load() -> None:
-    r, twin, (x,) = build("convbn")
+    r, _twin, (x,) = build("convbn")
     r(x)  # move the running statistics
     buffer = io.BytesIO()
     torch.save(r.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer)  # weights_only=True by default
-    assert list(state) == ["flat_param", "module.1.running_mean", "module.1.running_var", "module.1.num_batches_tracked"]
+    assert list(state) == [
+        "flat_param",
+        "module.1.running_mean",
+        "module.1.running_var",
+        "module.1.num_batches_tracked",
+    ]
     fresh = ReparamModule(convbn())
     fresh.load_state_dict(state)
     for model in (r, fresh):
@@ -205,7 +215,7 @@ def test_module_load_state_dict_with_original_keys() -> None:
     _assert_coherent(r)
     partial = other.state_dict()
     del partial["0.weight"]
-    with pytest.raises(RuntimeError, match="Missing key\\(s\\) in state_dict: \"0.weight\""):
+    with pytest.raises(RuntimeError, match=re.escape('Missing key(s) in state_dict: "0.weight"')):
         r.module.load_state_dict(partial)
 
 
@@ -220,7 +230,7 @@ def test_wrapper_inside_a_bigger_model_saves_and_loads() -> None:
 
 
 def test_state_dict_and_views_inside_a_binding_are_the_modules_own() -> None:
-    r, twin, (x,) = build("mlp")
+    r, twin, (_x,) = build("mlp")
     with r.unflattened_param(torch.zeros(r.param_numel)):
         state = r.module.state_dict()
     assert torch.equal(state["0.weight"], twin[0].weight)

@@ -66,7 +66,8 @@ def test_slices_and_views_address_one_parameter() -> None:
 
 def test_layout_is_a_hashable_picklable_value() -> None:
     a, b = FlatLayout.from_module(mlp()), FlatLayout.from_module(mlp())
-    assert a == b and hash(a) == hash(b)
+    assert a == b
+    assert hash(a) == hash(b)
     assert {a: 1}[b] == 1
     assert pickle.loads(pickle.dumps(a)) == a
     assert copy.deepcopy(a)["0.bias"] == a["0.bias"]
@@ -96,11 +97,15 @@ def test_flatten_reports_every_problem_at_once() -> None:
 
 def test_unflatten_checks_its_input() -> None:
     layout = FlatLayout.from_module(mlp())
-    with pytest.raises(TypeError, match=re.escape("flat must be a torch.Tensor of shape (..., 66), got list")):
+    with pytest.raises(
+        TypeError, match=re.escape("flat must be a torch.Tensor of shape (..., 66), got list")
+    ):
         layout.unflatten([0.0] * 66)  # type: ignore[arg-type]
     with pytest.raises(
         ValueError,
-        match=re.escape("flat has shape (65,) but this layout needs 66 elements in its last dimension"),
+        match=re.escape(
+            "flat has shape (65,) but this layout needs 66 elements in its last dimension"
+        ),
     ):
         layout.unflatten(torch.zeros(65))
     with pytest.raises(KeyError, match="'nope' is not in this layout"):
@@ -117,7 +122,11 @@ def test_entries_must_be_contiguous() -> None:
 def test_include_selects_parameters() -> None:
     net = mlp()
     net[0].weight.requires_grad_(False)
-    assert FlatLayout.from_module(net, include="trainable").names == ("0.bias", "2.weight", "2.bias")
+    assert FlatLayout.from_module(net, include="trainable").names == (
+        "0.bias",
+        "2.weight",
+        "2.bias",
+    )
     only_bias = FlatLayout.from_module(net, include=lambda name, p: name.endswith("bias"))
     assert only_bias.names == ("0.bias", "2.bias")
     with pytest.raises(TypeError, match="include must be None, 'all', 'trainable' or a callable"):

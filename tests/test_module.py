@@ -15,7 +15,7 @@ from torchreparam import ReparamModule
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_original_surface(name: str) -> None:
-    r, twin, args = build(name)
+    r, twin, _args = build(name)
     assert tuple(r.parameters()) == (r.flat_param,)
     assert r.param_numel == r.flat_param.numel() == sum(p.numel() for p in twin.parameters())
     assert torch.equal(r.flat_param, torch.cat([p.reshape(-1) for p in twin.parameters()]))
@@ -80,7 +80,10 @@ def _maml(call, theta0: torch.Tensor, data, steps: int = 3, lr: float = 0.1) -> 
 
 def test_maml_meta_gradient_matches_functional_call() -> None:
     r, twin, _ = build("mlp")
-    data = ((torch.randn(8, 5), torch.randint(0, 3, (8,))), (torch.randn(6, 5), torch.randint(0, 3, (6,))))
+    data = (
+        (torch.randn(8, 5), torch.randint(0, 3, (8,))),
+        (torch.randn(6, 5), torch.randint(0, 3, (6,))),
+    )
     theta0 = r.flat_param.detach().clone().requires_grad_()
     ref0 = theta0.detach().clone().requires_grad_()
     _maml(lambda t, x: r(x, flat_param=t), theta0, data).backward()
@@ -157,7 +160,8 @@ def test_trace_matches_and_follows_weights_buffers_and_modes() -> None:
     out = r(x, flat_param=theta)
     torch.testing.assert_close(out, reference(twin, r.layout, theta, (x,)))
     out.sum().backward()
-    assert theta.grad is not None and theta.grad.abs().sum() > 0
+    assert theta.grad is not None
+    assert theta.grad.abs().sum() > 0
     assert len(r._traced.graphs) == 2  # type: ignore[union-attr]
 
 
@@ -220,5 +224,6 @@ def test_repr_mentions_size() -> None:
 def test_flat_param_is_a_leaf_on_the_parameters_device_and_dtype() -> None:
     net = convbn().double()
     r = ReparamModule(net)
-    assert r.flat_param.is_leaf and r.flat_param.dtype == torch.float64
+    assert r.flat_param.is_leaf
+    assert r.flat_param.dtype == torch.float64
     assert r.flat_param.device == torch.device("cpu")

@@ -16,7 +16,8 @@ from torchreparam import ReparamModule
 def test_module_without_parameters() -> None:
     r = ReparamModule(nn.ReLU())
     x = torch.randn(3)
-    assert r.param_numel == 0 and r.flat_param.shape == (0,)
+    assert r.param_numel == 0
+    assert r.flat_param.shape == (0,)
     assert torch.equal(r(x), torch.relu(x))
     assert torch.equal(r(x, flat_param=torch.zeros(0)), torch.relu(x))
 
@@ -27,7 +28,12 @@ def test_module_with_only_buffers() -> None:
     x = torch.randn(4, 3)
     twin = copy.deepcopy(net)
     assert torch.equal(r(x), twin(x))
-    assert list(r.state_dict()) == ["flat_param", "module.running_mean", "module.running_var", "module.num_batches_tracked"]
+    assert list(r.state_dict()) == [
+        "flat_param",
+        "module.running_mean",
+        "module.running_var",
+        "module.num_batches_tracked",
+    ]
 
 
 def test_lazy_module_is_refused_until_initialized() -> None:
@@ -47,7 +53,12 @@ def test_lazy_module_is_refused_until_initialized() -> None:
 def test_mixed_dtypes_are_refused_clearly() -> None:
     net = mlp()
     net[2].double()
-    with pytest.raises(ValueError, match=re.escape("parameters must share one dtype to live in one flat vector, got ['torch.float32', 'torch.float64']")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "parameters must share one dtype to live in one flat vector, got ['torch.float32', 'torch.float64']"
+        ),
+    ):
         ReparamModule(net)
     r = ReparamModule(net, include=lambda name, p: p.dtype == torch.float32)  # or choose a subset
     assert r.layout.names == ("0.weight", "0.bias")
@@ -56,7 +67,12 @@ def test_mixed_dtypes_are_refused_clearly() -> None:
 def test_mixed_devices_are_refused_clearly() -> None:
     net = mlp()
     net[2].to("meta")
-    with pytest.raises(ValueError, match=re.escape("parameters must be on one device to live in one flat vector, got ['cpu', 'meta']")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "parameters must be on one device to live in one flat vector, got ['cpu', 'meta']"
+        ),
+    ):
         ReparamModule(net)
 
 
@@ -64,7 +80,12 @@ def test_frozen_parameters_are_never_made_trainable_silently() -> None:
     net = mlp()
     net[0].requires_grad_(False)
     twin = copy.deepcopy(net)
-    with pytest.raises(ValueError, match=re.escape("module has trainable and frozen (requires_grad=False) parameters; frozen: ['0.weight', '0.bias']")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "module has trainable and frozen (requires_grad=False) parameters; frozen: ['0.weight', '0.bias']"
+        ),
+    ):
         ReparamModule(net)
     assert isinstance(net[0].weight, nn.Parameter)  # untouched by the refusal
     r = ReparamModule(net, include="trainable")
@@ -77,7 +98,8 @@ def test_frozen_parameters_are_never_made_trainable_silently() -> None:
     out = r(x, flat_param=theta)
     assert torch.equal(out, torch.func.functional_call(twin, r.layout.unflatten(theta), (x,)))
     out.sum().backward()
-    assert net[0].weight.grad is None and theta.grad is not None
+    assert net[0].weight.grad is None
+    assert theta.grad is not None
     assert list(r.module.state_dict()) == list(twin.state_dict())
 
 

@@ -52,7 +52,12 @@ def architectures(draw: st.DrawFn) -> tuple[nn.Module, int, torch.dtype, bool]:
         block: nn.Module = nn.Sequential(lin, nn.Tanh()) if kind == "nested" else lin
         layers += [block, nn.Tanh()]
         width = out
-    return nn.Sequential(*layers).to(dtype), layers[0].weight.shape[1] if isinstance(layers[0], nn.Linear) else _input_width(layers), dtype, has_frozen
+    return (
+        nn.Sequential(*layers).to(dtype),
+        layers[0].weight.shape[1] if isinstance(layers[0], nn.Linear) else _input_width(layers),
+        dtype,
+        has_frozen,
+    )
 
 
 def _input_width(layers: list[nn.Module]) -> int:
@@ -79,7 +84,9 @@ def test_random_architectures_match_functional_call(arch, train: bool, batch: in
     assert torch.equal(r(x), twin(x))
     # another vector: functional_call on the twin, values and gradients
     scale = data.draw(st.floats(0.1, 2.0))
-    theta = (torch.randn(r.param_numel, dtype=dtype) * scale).requires_grad_(r.flat_param.requires_grad)
+    theta = (torch.randn(r.param_numel, dtype=dtype) * scale).requires_grad_(
+        r.flat_param.requires_grad
+    )
     ref = theta.detach().clone().requires_grad_(theta.requires_grad)
     out = r(x, flat_param=theta)
     expected = torch.func.functional_call(twin, r.layout.unflatten(ref), (x,))

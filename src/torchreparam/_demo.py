@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -58,7 +59,9 @@ def maml_loss(
     return F.cross_entropy(reparam_net(val_data, flat_param=theta), val_label)
 
 
-def run_demo(*, quick: bool = False, image_size: int | None = None, seed: int = 0) -> dict[str, Any]:
+def run_demo(
+    *, quick: bool = False, image_size: int | None = None, seed: int = 0
+) -> dict[str, Any]:
     """Run the demo, print a few lines, and return what it measured (for tests)."""
     torch.manual_seed(seed)
     size = image_size or (64 if quick else 224)
@@ -100,7 +103,11 @@ def run_demo(*, quick: bool = False, image_size: int | None = None, seed: int = 
         f"max |diff| {theta_diff:.1e} (median forward {_ms(theta_s)})"
     )
 
-    traced, trace_s = _timed(lambda: reparam_net.trace(image))
+    with warnings.catch_warnings():
+        # torch notes that BatchNorm's train-mode batch-size check is data-dependent while
+        # tracing; it is benign here (the traced graph is re-used with the same batch size).
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced, trace_s = _timed(lambda: reparam_net.trace(image))
     with torch.no_grad():
         via_trace, traced_s = _median_time(lambda: traced(image))
         untraced = reparam_net.module(image)

@@ -92,7 +92,7 @@ class Core:
         if (
             cache is not None
             and cache[0] is flat
-            and cache[1] == (flat._version, flat.data_ptr(), flat.requires_grad)  # type: ignore[union-attr]
+            and cache[1] == (flat._version, flat.data_ptr(), flat.requires_grad)
         ):
             return cache[2]
         assert flat is not None
@@ -150,7 +150,7 @@ def call_bound(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    """``fn(*args, **kwargs)`` with ``params``/``buffers`` bound: :func:`bind` without a generator."""
+    """``fn(*args, **kwargs)`` with ``params``/``buffers`` bound (:func:`bind`, inlined)."""
     if _is_dynamo():
         with bind(core, params, buffers):
             return fn(*args, **kwargs)
@@ -177,7 +177,7 @@ def _param_property(name: str, slot: int) -> property:
         binding = _active()  # the hot path: inlined innermost(core)
         while binding is not None:
             if binding[0] is core:
-                return binding[1][slot]  # type: ignore[no-any-return]
+                return binding[1][slot]
             binding = binding[3]
         return core.own_views()[slot]
 
@@ -196,7 +196,7 @@ def _buffer_property(name: str, slot: int) -> property:
 
 def _rebuild(spec: _Spec) -> nn.Module:
     """Unpickling: a bare instance of the generated class for ``spec``."""
-    return object.__new__(managed_class(spec))  # type: ignore[no-any-return]
+    return object.__new__(managed_class(spec))
 
 
 def managed_class(spec: _Spec) -> type:
@@ -209,6 +209,7 @@ def managed_class(spec: _Spec) -> type:
 
 
 def _make_class(spec: _Spec) -> type:
+    base: type[nn.Module]
     base, order, buffers, is_root = spec
     managed = {name: slot for name, slot in order if slot is not None}
     buffer_slots = dict(buffers)
@@ -235,7 +236,7 @@ def _make_class(spec: _Spec) -> type:
     ) -> None:
         own = self.__dict__[CORE_KEY].own_views()
         rest: dict[str, Any] = {}
-        base._save_to_state_dict(self, rest, prefix, keep_vars)  # type: ignore[attr-defined]
+        base._save_to_state_dict(self, rest, prefix, keep_vars)
         for name, slot in order:  # parameters first, in their registration order
             key = prefix + name
             if slot is not None:
@@ -257,7 +258,7 @@ def _make_class(spec: _Spec) -> type:
         core = self.__dict__[CORE_KEY]
         keys = {prefix + name: slot for name, slot in managed.items()}
         others = {k: v for k, v in state_dict.items() if k not in keys}
-        base._load_from_state_dict(  # type: ignore[attr-defined]
+        base._load_from_state_dict(
             self, others, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         own = core.own_views()
@@ -282,7 +283,7 @@ def _make_class(spec: _Spec) -> type:
         # ``module.double()`` on the unwrapped root converts flat_param too (it holds the data).
         core = self.__dict__[CORE_KEY]
         if not is_root or core.applying:
-            return base._apply(self, fn, recurse)  # type: ignore[no-any-return]
+            return base._apply(self, fn, recurse)
         with core.converting():
             core.holder._apply(fn, recurse=False)  # flat_param (its views follow)
             base._apply(self, fn, recurse)

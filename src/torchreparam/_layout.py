@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import nn
 
 __all__ = ["FlatLayout", "LayoutEntry", "Include"]
 
-Include = Union[None, Literal["all", "trainable"], Callable[[str, nn.Parameter], bool]]
+Include = Literal["all", "trainable"] | Callable[[str, nn.Parameter], bool] | None
 """Which parameters go into the flat vector: ``None``/``"all"``, ``"trainable"`` or a predicate."""
 
 
@@ -275,7 +275,9 @@ def select_parameters(module: nn.Module, include: Include) -> dict[str, nn.Param
     )
 
 
-def aliases_of(module: nn.Module, selected: Mapping[str, nn.Parameter]) -> dict[str, tuple[str, ...]]:
+def aliases_of(
+    module: nn.Module, selected: Mapping[str, nn.Parameter]
+) -> dict[str, tuple[str, ...]]:
     """For each selected parameter, the other names it is registered under."""
     first = {id(p): n for n, p in selected.items()}
     out: dict[str, list[str]] = {}

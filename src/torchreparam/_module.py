@@ -169,7 +169,7 @@ class ReparamModule(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> ReparamModule:
         with self._core.converting():  # the module's root would otherwise delegate back here
-            return super()._apply(fn, recurse)  # type: ignore[no-any-return]
+            return super()._apply(fn, recurse)
 
     # ---- state dicts --------------------------------------------------------------------
     def load_state_dict(
@@ -190,7 +190,9 @@ class ReparamModule(nn.Module):
         expected = self.state_dict(keep_vars=True)
         wrapper_format = "flat_param" in given or all(k.startswith("module.") for k in given)
         if wrapper_format:
-            ours, shown, missing, mismatched = dict(given), {k: k for k in given}, [], []
+            ours, shown = dict(given), {k: k for k in given}
+            missing: list[str] = []
+            mismatched: list[str] = []
         else:
             ours, shown, missing, mismatched = self._from_module_format(given)
         missing += [shown.get(k, k.removeprefix("module.")) for k in expected if k not in ours]
@@ -236,7 +238,9 @@ class ReparamModule(nn.Module):
                 if isinstance(value, Tensor) and tuple(value.shape) == entry.shape:
                     flat[entry.slice] = value.reshape(-1)
                 else:
-                    found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    found = (
+                        tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    )
                     mismatched.append(
                         f"{names[0]}: shape {found} in the state dict, {entry.shape} in the module"
                     )
@@ -247,7 +251,7 @@ class ReparamModule(nn.Module):
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         # Managed parameters come in through flat_param: their own keys are not expected.
         self._core.loading_flat = prefix + "flat_param" in state_dict
-        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 # ---- helpers ----------------------------------------------------------------------------
@@ -302,7 +306,8 @@ def _drop_managed_keys(
     module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
 ) -> None:
     """The wrapper's state dict holds ``flat_param``, not the views under their own keys."""
-    layout = module._core.layout  # type: ignore[union-attr]
+    assert isinstance(module, ReparamModule)  # registered on ReparamModule only
+    layout = module._core.layout
     for entry in layout:
         for name in (entry.name, *entry.aliases):
             state_dict.pop(f"{prefix}module.{name}", None)

@@ -1,4 +1,4 @@
-"""TorchScript-traced calls: one graph per train/eval configuration, vector and buffers as inputs."""
+"""TorchScript-traced calls: a graph per train/eval configuration; vector and buffers as inputs."""
 
 from __future__ import annotations
 
@@ -48,14 +48,18 @@ class Traced:
         bufs = own if buffers is None else check_buffers(buffers, core.buffer_names, own)
         return self._graph(flat, bufs, inputs)(flat, *bufs, *inputs)
 
-    def _graph(self, flat: Tensor, bufs: list[Tensor], inputs: tuple[Any, ...]) -> Callable[..., Any]:
+    def _graph(
+        self, flat: Tensor, bufs: list[Tensor], inputs: tuple[Any, ...]
+    ) -> Callable[..., Any]:
         key = tuple(m.training for m in self.module.modules())
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = self._trace(flat, bufs, inputs)
         return graph
 
-    def _trace(self, flat: Tensor, bufs: list[Tensor], inputs: tuple[Any, ...]) -> Callable[..., Any]:
+    def _trace(
+        self, flat: Tensor, bufs: list[Tensor], inputs: tuple[Any, ...]
+    ) -> Callable[..., Any]:
         core, module, count = self.core, self.module, len(bufs)
 
         def run(flat: Tensor, *rest: Any) -> Any:
@@ -67,4 +71,4 @@ class Traced:
         with warnings.catch_warnings():
             # We use TorchScript tracing as the original did; torch.compile is the modern path.
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.*deprecated")
-            return torch.jit.trace(run, examples, **self.trace_kwargs)  # type: ignore[no-any-return]
+            return torch.jit.trace(run, examples, **self.trace_kwargs)

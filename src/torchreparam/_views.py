@@ -12,7 +12,7 @@ Two paths give the same values and gradients:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,14 +34,14 @@ class _Unflatten(torch.autograd.Function):
     """Views of ``flat`` shaped like ``refs``; backward: one differentiable ``cat``."""
 
     @staticmethod
-    def forward(ctx, flat: Tensor, refs: Sequence[Tensor]) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, flat: Tensor, refs: list[Tensor]) -> tuple[Tensor, ...]:
         return tuple(_unflatten(flat, refs))
 
     @staticmethod
-    def backward(ctx, *grads: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, None]:
         # Grads arrive materialized (zeros for unused views), so the cat always has N elements.
         # The cat is made of differentiable ops: second-order gradients (MAML) flow through it.
-        return _flatten(grads), None
+        return _flatten(list(grads)), None
 
 
 # ``Function.apply`` first maps functorch's unwrapping over every argument (~2 us here); the
@@ -55,7 +55,7 @@ _apply_unflatten = (
 class ViewMaker:
     """Turns a flat vector into a tuple of views, one per layout entry, in layout order."""
 
-    __slots__ = ("refs", "shapes", "sizes", "always_traceable")
+    __slots__ = ("always_traceable", "refs", "shapes", "sizes")
 
     def __init__(self, layout: FlatLayout) -> None:
         self.shapes = tuple(e.shape for e in layout.entries)
@@ -93,7 +93,7 @@ class ViewMaker:
             with _below_view_tracking():
                 return tuple(_unflatten(flat, self.refs))
         if flat.requires_grad:
-            return _apply_unflatten(flat, self.refs)  # type: ignore[no-any-return]
+            return _apply_unflatten(flat, self.refs)  # type: ignore[no-any-return,unused-ignore]
         return tuple(_unflatten(flat, self.refs))
 
     def traceable(self, flat: Tensor) -> tuple[Tensor, ...]:
