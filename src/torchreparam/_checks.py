@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["check_flat_param", "check_buffers", "StateDictMismatchError"]
+__all__ = ["StateDictMismatchError", "check_buffers", "check_flat_param", "check_in_dims"]
 
 
 class StateDictMismatchError(ValueError, RuntimeError):
@@ -53,13 +53,18 @@ def check_flat_param(theta: object, numel: int, ref: Tensor, argname: str = "fla
 
 
 def check_buffers(
-    buffers: object, names: Sequence[str], own: Sequence[Tensor], argname: str = "buffers"
+    buffers: object,
+    names: Sequence[str],
+    own: Sequence[Tensor],
+    argname: str = "buffers",
+    *,
+    population: int | None = None,
 ) -> list[Tensor]:
     """Validate ``buffers`` against the module's own and return the full list to bind.
 
     ``buffers`` is a sequence in ``module.buffers()`` order (all of them) or a mapping from
     buffer names (as in ``module.named_buffers()``) to tensors (a subset; the rest are the
-    module's own).
+    module's own). For a population call, each may also be ``(population, *shape)``.
     """
     if isinstance(buffers, Mapping):
         unknown = sorted(set(buffers) - set(names))
@@ -89,14 +94,51 @@ def check_buffers(
     if wrong_type:
         raise TypeError(f"{argname} has entries that are not tensors: " + "; ".join(wrong_type))
     problems = [
-        f"{name}: expected shape {tuple(mine.shape)}, dtype {mine.dtype} on {mine.device}, "
-        f"got {_describe(b)}"
+        f"{name}: expected shape {_allowed(mine, population)}, dtype {mine.dtype} on "
+        f"{mine.device}, got {_describe(b)}"
         for name, b, mine in zip(names, given, own, strict=True)
-        if b.shape != mine.shape or b.dtype != mine.dtype or b.device != mine.device
+        if not _fits(b, mine, population) or b.dtype != mine.dtype or b.device != mine.device
     ]
     if problems:
         raise ValueError(f"{argname} do not match the module's buffers: " + "; ".join(problems))
     return given
+
+
+def _fits(given: Tensor, mine: Tensor, population: int | None) -> bool:
+    if given.shape == mine.shape:
+        return True
+    return population is not None and given.shape == (population, *mine.shape)
+
+
+def _allowed(mine: Tensor, population: int | None) -> str:
+    shape = tuple(mine.shape)
+    return str(shape) if population is None else f"{shape} or {(population, *shape)}"
+
+
+def check_in_dims(
+    in_dims: object, args: Sequence[object], population: int
+) -> tuple[int | None, ...]:
+    """``in_dims`` as one ``0``/``None`` per positional input, after checking the inputs."""
+    if in_dims is None or in_dims == 0:
+        dims: tuple[object, ...] = (in_dims,) * len(args)
+    elif isinstance(in_dims, tuple) and len(in_dims) == len(args):
+        dims = in_dims
+    else:
+        raise ValueError(
+            f"in_dims must be None, 0, or a tuple of 0/None with one entry per positional input "
+            f"({len(args)} here), got {in_dims!r}"
+        )
+    for i, (dim, arg) in enumerate(zip(dims, args, strict=True)):
+        if dim is None:
+            continue
+        if dim != 0:
+            raise ValueError(f"in_dims[{i}] must be 0 or None, got {dim!r}")
+        if not isinstance(arg, Tensor) or arg.dim() == 0 or arg.shape[0] != population:
+            raise ValueError(
+                f"in_dims[{i}] is 0 but input {i} is {_describe(arg)}: its leading dimension "
+                f"must be the population size {population}"
+            )
+    return dims  # type: ignore[return-value]
 
 
 def describe_state_dict_problems(

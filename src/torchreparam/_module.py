@@ -11,9 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from ._call import call, resolve
-from ._checks import StateDictMismatchError, describe_state_dict_problems, same_device
-from ._inject import CORE_KEY, Core, bind, install
+from ._checks import (
+    StateDictMismatchError,
+    check_buffers,
+    describe_state_dict_problems,
+    same_device,
+)
+from ._inject import CORE_KEY, Core, bind, call_bound, install
 from ._layout import FlatLayout, Include, aliases_of, select_parameters
+from ._population import Strategy, call_population, population_buffers
 from ._trace import Traced
 
 __all__ = ["ReparamModule"]
@@ -60,6 +66,9 @@ class ReparamModule(nn.Module):
 
     flat_param: nn.Parameter
     module: nn.Module
+    population_strategy: Strategy
+    """How population calls run: ``"auto"`` (default: time vmap and the loop on the first call
+    of each signature, keep the faster), ``"vmap"`` or ``"loop"``."""
 
     def __init__(self, module: nn.Module, *, include: Include = None) -> None:
         super().__init__()
@@ -80,6 +89,8 @@ class ReparamModule(nn.Module):
         sites = {name: _buffer_site(module, name) for name, _ in module.named_buffers()}
         self._core = Core(layout, self, sites)
         self._traced: Traced | None = None
+        self.population_strategy = "auto"
+        self._plans: dict[Any, str] = {}  # "auto"'s choice per population call signature
         install(self._core, module)
         self.register_state_dict_post_hook(_drop_managed_keys)
         self.register_load_state_dict_post_hook(_end_flat_load)
@@ -100,26 +111,98 @@ class ReparamModule(nn.Module):
         *inputs: Any,
         flat_param: Tensor | None = None,
         buffers: Any = None,
+        in_dims: Any = None,
         **kwargs: Any,
     ) -> Any:
         """Call the wrapped module with ``flat_param`` (and ``buffers``) in place of its own.
 
         Args:
             *inputs: positional inputs of the wrapped module.
-            flat_param: ``(num_params,)``; ``None`` means the module's own ``flat_param`` (or
-                the vector bound by an enclosing :meth:`unflattened_param` block).
+            flat_param: ``(num_params,)``, or a population ``(population, num_params)``: the
+                module is then called once per row and the outputs are stacked on a new
+                leading dimension (``(1, num_params)`` is a population of one). ``None`` means
+                the module's own ``flat_param`` (or the vector bound by an enclosing
+                :meth:`unflattened_param` block).
             buffers: a tuple in ``module.buffers()`` order, or a dict ``{name: tensor}`` for
-                some of them; ``None`` means the module's own.
-            **kwargs: keyword inputs of the wrapped module.
+                some of them; ``None`` means the module's own. In train mode, BatchNorm updates
+                the tensors it is given (and the module's own when none are given). For a
+                population, each may be ``(population, *shape)``: one per member.
+            in_dims: for a population only: ``None`` (inputs shared by all members, the
+                default), ``0`` (every positional input has a leading population dimension) or
+                a tuple of ``0``/``None``, one per positional input, as ``torch.func.vmap``.
+            **kwargs: keyword inputs of the wrapped module (shared by all members).
 
         Raises:
-            TypeError, ValueError: ``flat_param`` or ``buffers`` do not fit the module (raised
-                before anything is touched).
+            TypeError, ValueError: ``flat_param``, ``buffers`` or ``in_dims`` do not fit the
+                module (raised before anything is touched).
         """
+        if isinstance(flat_param, Tensor) and flat_param.dim() == 2:
+            return call_population(
+                self._core, self.module, inputs, kwargs, flat_param, buffers, in_dims,
+                self.population_strategy, self._plans,
+            )  # fmt: skip
+        if in_dims is not None:
+            raise ValueError(
+                "in_dims applies to population calls only (flat_param of shape "
+                f"(population, {self.param_numel})); drop it for a single vector"
+            )
         traced = self._traced
         if traced is not None and not kwargs and traced.accepts(flat_param, inputs):
             return traced(flat_param, buffers, inputs)
         return call(self._core, self.module, inputs, kwargs, flat_param, buffers)
+
+    def pure(
+        self,
+        *inputs: Any,
+        flat_param: Tensor | None = None,
+        buffers: Any = None,
+        in_dims: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Any, dict[str, Tensor]]:
+        """Like calling the wrapper, but mutates nothing: returns the updated buffers instead.
+
+        The call runs on copies of ``buffers`` (or of the module's own); whatever the module
+        updates in place (BatchNorm's running statistics in train mode) is updated in the
+        copies, which are returned by name. For a population, every member gets its own copy
+        and the returned buffers are ``(population, *shape)``. Suited to ``torch.func``
+        transforms and to code that must not see its tensors change.
+
+        Returns:
+            ``(output, {buffer name: updated buffer})``.
+
+        Example:
+            >>> import torch
+            >>> from torchreparam import ReparamModule
+            >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+            >>> r = ReparamModule(net)
+            >>> out, state = r.pure(torch.randn(8, 3))
+            >>> state["1.num_batches_tracked"].item(), r.module[1].num_batches_tracked.item()
+            (1, 0)
+        """
+        core = self._core
+        population = (
+            flat_param.shape[0]
+            if isinstance(flat_param, Tensor) and flat_param.dim() == 2
+            else None
+        )
+        start = core.bound_buffers() or core.own_buffers()
+        if population is None:
+            if in_dims is not None:
+                raise ValueError("in_dims applies to population calls only; drop it")
+            given = start if buffers is None else check_buffers(buffers, core.buffer_names, start)
+            copies = [b.clone() for b in given]
+            params, _ = resolve(core, flat_param, None)
+            # Bound as this very list: a buffer the module reassigns lands in it, returned below.
+            out = call_bound(core, params, copies, self.module, inputs, kwargs)
+            return out, dict(zip(core.buffer_names, copies, strict=True))
+        members, dims = population_buffers(core, start if buffers is None else buffers, population)
+        assert members is not None  # start is a full list
+        copies = [  # every member its own copy: (population, *shape)
+            b.clone() if d == 0 else b.expand(population, *b.shape).clone()
+            for b, d in zip(members, dims, strict=True)
+        ]
+        out = self(*inputs, flat_param=flat_param, buffers=copies, in_dims=in_dims, **kwargs)
+        return out, dict(zip(core.buffer_names, copies, strict=True))
 
     @contextmanager
     def unflattened_param(self, flat_param: Tensor) -> Iterator[None]:

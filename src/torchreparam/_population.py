@@ -1,0 +1,185 @@
+"""Calling a module tree with a population of flat vectors ``(population, num_params)``.
+
+The reference semantics is the loop of single calls, stacked on a new leading dimension. Two
+strategies give it: a Python loop, and ``torch.func.vmap`` (one batched call: far faster for
+small dense models, slower for grouped convolutions and BatchNorm on CPU). ``"auto"`` times both
+on the first call of each signature (shapes, population size, modes) and keeps the faster.
+
+``vmap`` is used only where it cannot differ from the loop: when no buffer shared by all
+members can be updated in place (every module with buffers in eval mode, or every buffer given
+per member). Otherwise the loop is the only strategy.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ._call import call
+from ._checks import check_buffers, check_flat_param, check_in_dims
+from ._inject import Core
+
+__all__ = ["Strategy", "call_population", "population_buffers"]
+
+Strategy = Literal["auto", "vmap", "loop"]
+_STRATEGIES = ("auto", "vmap", "loop")
+
+
+def population_buffers(
+    core: Core, buffers: Any, population: int
+) -> tuple[list[Tensor] | None, tuple[int | None, ...]]:
+    """Validated buffers for a population call and, per buffer, 0 (per member) or None (shared)."""
+    if buffers is None:
+        return None, ()
+    own = core.own_buffers()
+    bound = check_buffers(buffers, core.buffer_names, own, population=population)
+    dims = tuple(
+        0 if b.dim() == mine.dim() + 1 else None for b, mine in zip(bound, own, strict=True)
+    )
+    return bound, dims
+
+
+def call_population(
+    core: Core,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    thetas: Tensor,
+    buffers: Any = None,
+    in_dims: Any = None,
+    strategy: Strategy = "auto",
+    plans: dict[Any, str] | None = None,
+) -> Any:
+    """``fn`` called once per row of ``thetas`` ``(population, num_params)``, outputs stacked.
+
+    Args:
+        in_dims: ``None`` (every input shared), ``0`` (every positional input has a leading
+            population dimension) or a tuple of ``0``/``None``, one per positional input.
+        buffers: as for single calls; each tensor either ``(population, *shape)`` (one per
+            member, updated in place per member) or ``shape`` (shared by all members).
+        plans: where ``"auto"`` remembers its choice per call signature.
+    """
+    check_flat_param(thetas, core.layout.numel, core.flat())
+    if thetas.dim() != 2:
+        raise ValueError(
+            f"a population needs shape (population, num_params), got {tuple(thetas.shape)}"
+        )
+    population = thetas.shape[0]
+    dims = check_in_dims(in_dims, args, population)
+    bound, buffer_dims = population_buffers(core, buffers, population)
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
+    may_vmap = _vmap_is_exact(core, bound, buffer_dims)
+    if strategy == "vmap" and not may_vmap:
+        raise ValueError(
+            "strategy 'vmap' would update buffers shared by all members once instead of once per "
+            "member (modules with buffers are in train mode): pass per-member buffers of shape "
+            "(population, *shape), use eval mode, or use strategy 'loop'"
+        )
+    job = _Job(core, fn, args, kwargs, thetas, bound, dims, buffer_dims)
+    if strategy == "loop" or not may_vmap:
+        return job.loop()
+    if strategy == "vmap":
+        return job.vmap()
+    return _auto(job, plans if plans is not None else {})
+
+
+def _vmap_is_exact(core: Core, bound: list[Tensor] | None, dims: tuple[int | None, ...]) -> bool:
+    """vmap equals the loop unless a shared buffer may be updated in place (train mode)."""
+    if not core.buffer_names or not any(module.training for module, _ in core.buffer_sites):
+        return True
+    return bound is not None and all(d == 0 for d in dims)
+
+
+class _Job:
+    """One population call, runnable by either strategy."""
+
+    def __init__(
+        self,
+        core: Core,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        thetas: Tensor,
+        buffers: list[Tensor] | None,
+        dims: tuple[int | None, ...],
+        buffer_dims: tuple[int | None, ...],
+    ) -> None:
+        self.core, self.fn, self.args, self.kwargs = core, fn, args, kwargs
+        self.thetas, self.buffers, self.dims, self.buffer_dims = thetas, buffers, dims, buffer_dims
+
+    def key(self) -> tuple[Any, ...]:
+        """What the faster strategy depends on: sizes, dtypes, grad, train/eval modes."""
+        shapes = tuple((a.shape, a.dtype) if isinstance(a, Tensor) else type(a) for a in self.args)
+        grad = torch.is_grad_enabled() and (
+            self.thetas.requires_grad
+            or any(isinstance(a, Tensor) and a.requires_grad for a in self.args)
+        )
+        modes = (
+            tuple(m.training for m in self.fn.modules()) if isinstance(self.fn, nn.Module) else ()
+        )
+        return (self.thetas.shape, self.dims, self.buffer_dims, shapes, grad, modes)
+
+    def loop(self, buffers: Sequence[Tensor] | None = None) -> Any:
+        buffers = self.buffers if buffers is None else buffers
+        rows = [a.unbind(0) if d == 0 else None for a, d in zip(self.args, self.dims, strict=True)]
+        outs = []
+        for i, theta in enumerate(self.thetas.unbind(0)):  # one backward node for all rows
+            args = tuple(a if r is None else r[i] for a, r in zip(self.args, rows, strict=True))
+            bufs = None
+            if buffers is not None:  # b[i]: a single-output view, so in-place updates land in b
+                bufs = [
+                    b if d is None else b[i] for b, d in zip(buffers, self.buffer_dims, strict=True)
+                ]
+            outs.append(call(self.core, self.fn, args, self.kwargs, theta, bufs))
+        return stack_outputs(outs)
+
+    def vmap(self, buffers: Sequence[Tensor] | None = None) -> Any:
+        buffers = self.buffers if buffers is None else buffers
+        count = 0 if buffers is None else len(buffers)
+
+        def member(theta: Tensor, *rest: Any) -> Any:
+            bufs = None if buffers is None else list(rest[:count])
+            return call(self.core, self.fn, rest[count:], self.kwargs, theta, bufs)
+
+        in_dims = (0, *self.buffer_dims, *self.dims)
+        vmapped = torch.func.vmap(member, in_dims=in_dims, randomness="different")
+        return vmapped(self.thetas, *(buffers or ()), *self.args)
+
+
+def _auto(job: _Job, plans: dict[Any, str]) -> Any:
+    key = job.key()
+    plan = plans.get(key)
+    if plan == "loop":
+        return job.loop()
+    if plan == "vmap":
+        return job.vmap()
+    # First call of this signature: a trial of vmap on copies of the buffers, then the loop
+    # for real; the faster one serves the next calls. Randomness (dropout) draws twice here.
+    trial = None if job.buffers is None else [b.clone() for b in job.buffers]
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():  # the real run below (the loop) shows the model's own
+            warnings.simplefilter("ignore")
+            job.vmap(trial)
+        vmap_seconds = time.perf_counter() - start
+    except Exception:  # an op without a batching rule, for example: the loop always works
+        vmap_seconds = float("inf")
+    start = time.perf_counter()
+    out = job.loop()
+    plans[key] = "vmap" if vmap_seconds < time.perf_counter() - start else "loop"
+    return out
+
+
+def stack_outputs(outs: Sequence[Any]) -> Any:
+    """Stack a list of (nested) outputs leaf by leaf on a new leading dimension."""
+    leaves, spec = tree_flatten(outs[0])
+    columns = zip(*(tree_flatten(out)[0] for out in outs), strict=True)
+    stacked = [torch.stack(col) if isinstance(col[0], Tensor) else col[0] for col in columns]
+    return tree_unflatten(stacked, spec) if leaves else outs[0]
