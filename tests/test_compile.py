@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from conftest import build, reference
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
@@ -46,8 +45,6 @@ def test_gradients_through_compiled_calls() -> None:
     torch.testing.assert_close(theta.grad, ref.grad)
 
 
-# inductor's own internals use the deprecated torch.jit.script_method
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_inductor_compiles_one_graph() -> None:
     r, twin, (x,) = build("mlp")
     counter = CompileCounterWithBackend("inductor")

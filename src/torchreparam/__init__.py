@@ -9,8 +9,24 @@ Example:
 """
 
 from ._checks import StateDictMismatchError
+from ._derivatives import gnvp, hessian, hvp, jacobian, per_example_grads
+from ._inner import AdamState, SGDState, adam, sgd
 from ._layout import FlatLayout, LayoutEntry
 from ._module import ReparamModule
 
-__all__ = ["FlatLayout", "LayoutEntry", "ReparamModule", "StateDictMismatchError"]
+__all__ = [
+    "AdamState",
+    "FlatLayout",
+    "LayoutEntry",
+    "ReparamModule",
+    "SGDState",
+    "StateDictMismatchError",
+    "adam",
+    "gnvp",
+    "hessian",
+    "hvp",
+    "jacobian",
+    "per_example_grads",
+    "sgd",
+]
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ unwrapped module, each tied (shared) parameter once, at its first occurrence.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -237,6 +237,58 @@ class FlatLayout:
         if not parts:
             return torch.empty(0, dtype=self.dtype)
         return torch.cat(parts)
+
+    def expand(
+        self, values: Mapping[str, float | torch.Tensor] | Sequence[float] | torch.Tensor
+    ) -> torch.Tensor:
+        """One value per parameter (or per module), repeated over its elements: ``(num_params,)``.
+
+        For per-layer hyperparameters (MAML++'s learned learning rates): differentiable w.r.t.
+        ``values`` when they are tensors that require grad.
+
+        Args:
+            values: a sequence or tensor ``(len(layout),)`` with one value per entry, in order;
+                or a mapping from entry names or module prefixes (``"encoder.0"`` covers every
+                entry under it; ``""`` covers all) to values. Every entry must be covered; the
+                longest matching key wins.
+
+        Raises:
+            ValueError: entries left uncovered, keys that match nothing, or a wrong length.
+
+        Example:
+            >>> import torch
+            >>> from torchreparam import FlatLayout
+            >>> layout = FlatLayout.from_module(torch.nn.Sequential(torch.nn.Linear(2, 1)))
+            >>> layout.expand({"0.weight": 0.1, "0": 1.0})
+            tensor([0.1000, 0.1000, 1.0000])
+        """
+        if isinstance(values, Mapping):
+            values = self._by_key(values)
+        tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(values)
+        if tensor.shape != (len(self),):
+            raise ValueError(
+                f"values must have one entry per layout entry ({len(self)}), got shape "
+                f"{tuple(tensor.shape)}"
+            )
+        sizes = torch.tensor([e.numel for e in self.entries], device=tensor.device)
+        return torch.repeat_interleave(tensor, sizes, output_size=self.numel)
+
+    def _by_key(self, values: Mapping[str, float | torch.Tensor]) -> torch.Tensor:
+        chosen, used, missing = [], set(), []
+        for entry in self.entries:
+            keys = [k for k in values if entry.name == k or entry.name.startswith(k + ".") or not k]
+            if not keys:
+                missing.append(entry.name)
+                continue
+            key = max(keys, key=len)
+            used.add(key)
+            chosen.append(torch.as_tensor(values[key]))
+        unused = sorted(set(values) - used)
+        if missing or unused:
+            problems = [f"no value for {missing}"] if missing else []
+            problems += [f"keys that match no entry: {unused}"] if unused else []
+            raise ValueError("values do not cover the layout: " + "; ".join(problems))
+        return torch.stack(chosen) if chosen else torch.zeros(0)
 
     def _check_flat(self, flat: object, argname: str) -> None:
         if not isinstance(flat, torch.Tensor):

@@ -41,7 +41,10 @@ class _Unflatten(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, None]:
         # Grads arrive materialized (zeros for unused views), so the cat always has N elements.
         # The cat is made of differentiable ops: second-order gradients (MAML) flow through it.
-        return _flatten(list(grads)), None
+        try:
+            return _flatten(list(grads)), None
+        except RuntimeError:  # batched grads (autograd.grad(is_grads_batched=True)): no rule
+            return torch.cat([g.reshape(-1) for g in grads]), None
 
 
 # ``Function.apply`` first maps functorch's unwrapping over every argument (~2 us here); the
