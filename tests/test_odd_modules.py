@@ -122,6 +122,30 @@ def test_complex_parameters() -> None:
     assert torch.equal(r(x, flat_param=theta), reference(twin, r.layout, theta, (x,)))
 
 
+def test_scalar_parameters() -> None:
+    class Tempered(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.temperature = nn.Parameter(torch.tensor(2.0))  # 0-d
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) / self.temperature
+
+    net = Tempered()
+    twin = copy.deepcopy(net)
+    r = ReparamModule(net)
+    x = torch.randn(3, 2)
+    assert r.layout["temperature"].shape == ()
+    assert r.module.temperature.shape == ()
+    theta = torch.randn(r.param_numel, requires_grad=True)
+    out = r(x, flat_param=theta)
+    assert torch.equal(out, reference(twin, r.layout, theta, (x,)))
+    out.sum().backward()
+    assert theta.grad[0] != 0
+    assert r(x, flat_param=torch.randn(2, r.param_numel)).shape == (2, 3, 2)
+
+
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op:UserWarning")
 def test_zero_sized_parameters_keep_their_shapes() -> None:
     net = nn.Sequential(nn.Linear(3, 0), nn.Linear(0, 2))

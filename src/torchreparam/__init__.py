@@ -8,6 +8,21 @@ Example:
     torch.Size([8])
 """
 
+from ._checkpoint import (
+    FlatCheckpoint,
+    Trajectory,
+    from_state_dict,
+    layout_from_json,
+    layout_to_json,
+    load_checkpoint,
+    load_flat,
+    load_trajectory,
+    save_checkpoint,
+    save_flat,
+    save_trajectory,
+    to_module_state_dict,
+    to_wrapper_state_dict,
+)
 from ._checks import StateDictMismatchError
 from ._derivatives import gnvp, hessian, hvp, jacobian, per_example_grads
 from ._inner import AdamState, SGDState, adam, sgd
@@ -16,17 +31,30 @@ from ._module import ReparamModule
 
 __all__ = [
     "AdamState",
+    "FlatCheckpoint",
     "FlatLayout",
     "LayoutEntry",
     "ReparamModule",
     "SGDState",
     "StateDictMismatchError",
+    "Trajectory",
     "adam",
+    "from_state_dict",
     "gnvp",
     "hessian",
     "hvp",
     "jacobian",
+    "layout_from_json",
+    "layout_to_json",
+    "load_checkpoint",
+    "load_flat",
+    "load_trajectory",
     "per_example_grads",
+    "save_checkpoint",
+    "save_flat",
+    "save_trajectory",
     "sgd",
+    "to_module_state_dict",
+    "to_wrapper_state_dict",
 ]
 __version__ = "0.1.0"

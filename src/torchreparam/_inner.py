@@ -58,8 +58,11 @@ def sgd(
         theta: the flat vector ``(num_params,)`` (or any shape matching ``grad``).
         grad: its gradient, same shape.
         state: from the previous step; ``None`` at the first.
-        lr, momentum, weight_decay: numbers or tensors (scalar or ``(num_params,)``), which may
-            require grad.
+        lr: learning rate: a number or a tensor (scalar or ``(num_params,)``, may require grad).
+        momentum: momentum factor (number or tensor, as ``lr``); 0 disables the buffer.
+        dampening: dampening of the momentum buffer's update.
+        nesterov: use Nesterov momentum.
+        weight_decay: L2 penalty added to the gradient (number or tensor, as ``lr``).
 
     Returns:
         ``(new_theta, new_state)``.
@@ -97,8 +100,10 @@ def adam(
         theta: the flat vector ``(num_params,)``.
         grad: its gradient, same shape.
         state: from the previous step; ``None`` at the first (zero moments).
-        lr, betas, weight_decay: numbers or tensors (scalar or ``(num_params,)``).
+        lr: learning rate: a number or a tensor (scalar or ``(num_params,)``, may require grad).
+        betas: decay rates of the two moment estimates (numbers or tensors).
         eps: added to the denominator.
+        weight_decay: L2 penalty added to the gradient (number or tensor, as ``lr``).
 
     Returns:
         ``(new_theta, new_state)``.

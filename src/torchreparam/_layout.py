@@ -192,7 +192,7 @@ class FlatLayout:
         batch = tuple(flat.shape[:-1])
         out: dict[str, torch.Tensor] = {}
         for entry in self.entries:
-            view = flat[..., entry.slice].view(*batch, *entry.shape)
+            view = flat[..., entry.slice].view((*batch, *entry.shape))
             out[entry.name] = view
             if aliases:
                 out.update(dict.fromkeys(entry.aliases, view))
@@ -202,7 +202,7 @@ class FlatLayout:
         """The view of ``flat`` that holds parameter ``name``, shaped ``(*batch, *shape)``."""
         self._check_flat(flat, "flat")
         entry = self[name]
-        return flat[..., entry.slice].view(*flat.shape[:-1], *entry.shape)
+        return flat[..., entry.slice].view((*flat.shape[:-1], *entry.shape))
 
     def flatten(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Concatenate ``tensors`` (name -> tensor) into one flat vector, in layout order.

@@ -34,7 +34,9 @@ class ReparamModule(nn.Module):
     module (tied parameters once), as in the original torchreparam.
 
     Calls are thread-safe (each thread, and each nested call, sees its own vector), never
-    change the module's own weights or buffers, and leave it intact whatever they raise.
+    change the module's own weights, and leave the module as it was whatever they raise. (Its
+    own buffers change only as a plain module's would: BatchNorm's running statistics in train
+    mode, when no ``buffers`` are passed.)
 
     Args:
         module: the model to wrap. It is taken over in place: its managed parameters are
@@ -118,7 +120,7 @@ class ReparamModule(nn.Module):
 
         Args:
             *inputs: positional inputs of the wrapped module.
-            flat_param: ``(num_params,)``, or a population ``(population, num_params)``: the
+            flat_param: ``(param_numel,)``, or a population ``(population, param_numel)``: the
                 module is then called once per row and the outputs are stacked on a new
                 leading dimension (``(1, num_params)`` is a population of one). ``None`` means
                 the module's own ``flat_param`` (or the vector bound by an enclosing
@@ -262,6 +264,20 @@ class ReparamModule(nn.Module):
 
         Everything is checked before anything is copied: a mismatch raises
         :class:`StateDictMismatchError` listing every problem, and changes nothing.
+
+        Args:
+            state_dict: ``{"flat_param": ..., "module.<buffer>": ...}`` as ``state_dict()``
+                returns, or the unwrapped module's state dict (tied parameters under any of
+                their names).
+            strict: require exactly the expected keys (shapes are always checked).
+            assign: as ``torch.nn.Module.load_state_dict``.
+
+        Returns:
+            torch's ``_IncompatibleKeys`` (missing and unexpected keys, for ``strict=False``).
+
+        Raises:
+            StateDictMismatchError: keys or shapes do not match (a ValueError and RuntimeError).
+            TypeError: ``state_dict`` is not a mapping.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
