@@ -157,6 +157,14 @@ def test_module_that_reassigns_a_buffer_writes_into_the_binding() -> None:
     assert torch.equal(out, twin(x))
     assert torch.equal(state["avg"], twin.avg)
     assert torch.equal(r.module.avg, torch.zeros(3))  # the module's own: untouched
+    given = [torch.zeros(3)]
+    r(x, buffers=given)  # passed buffers receive what the module reassigned
+    assert torch.equal(given[0], twin.avg)
+    assert torch.equal(r.module.avg, torch.zeros(3))
+    for strategy in ("loop", "vmap"):
+        r.population_strategy = strategy
+        _, members = r.pure(x, flat_param=torch.stack([r.flat_param.detach()] * 2))
+        torch.testing.assert_close(members["avg"], twin.avg.expand(2, 3))
     r(x)  # a plain call reassigns the module's own, as a plain module does
     assert torch.equal(r.module.avg, twin.avg)
 

@@ -17,6 +17,7 @@ import functools
 import importlib
 import re
 import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,23 @@ def _id(page: Path) -> str:
     return page.relative_to(ROOT).as_posix()
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """The examples are tiny: one intra-op thread is fastest for them, and keeps them fast on a
+    busy machine (several OpenMP threads contending for the cores can make a small op 1000x
+    slower). The previous setting is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("page", PAGES, ids=_id)
+@pytest.mark.usefixtures("one_thread")
 def test_python_blocks_of_the_page_run_in_order(page: Path) -> None:
     namespace: dict[str, object] = {"__name__": f"docs:{_id(page)}"}
     blocks, skipped = blocks_of(page.read_text()), []

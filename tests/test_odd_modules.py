@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import mlp, reference
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from torchreparam import ReparamModule
 
@@ -158,3 +159,70 @@ def test_zero_sized_parameters_keep_their_shapes() -> None:
     assert torch.equal(out, reference(twin, r.layout, theta, (x,)))
     out.sum().backward()
     assert theta.grad.shape == (2,)
+
+
+def _plain_copy_grad(twin: nn.Module, layout, theta: torch.Tensor, *args) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The reference: a plain copy holding theta's values; its parameter grads, concatenated."""
+    plain = copy.deepcopy(twin)
+    with torch.no_grad():
+        for p, v in zip(plain.parameters(), layout.unflatten(theta.detach()).values(), strict=True):
+            p.copy_(v)
+    plain(*args).square().sum().backward()
+    return torch.cat([p.grad.to_dense().reshape(-1) for p in plain.parameters()])
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.reentrant = nn.Linear(3, 3), nn.Linear(3, 3), reentrant
+
+    def inner(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.a(h)) * self.a.weight.sum()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(checkpoint(self.inner, x, use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpoint_recomputation_uses_the_callers_vector(reentrant: bool) -> None:
+    net = Checkpointed(reentrant)
+    twin = copy.deepcopy(net)
+    r = ReparamModule(net)
+    x = torch.randn(2, 3, requires_grad=True)
+    theta = (5 * torch.randn(r.param_numel)).requires_grad_()  # far from the module's own
+    r(x, flat_param=theta).square().sum().backward()
+    torch.testing.assert_close(theta.grad, _plain_copy_grad(twin, r.layout, theta, x))
+    assert r.flat_param.grad is None  # nothing leaked into the module's own vector
+    r.zero_grad()
+    r(x).square().sum().backward()  # own weights: the plain module's gradient
+    torch.testing.assert_close(r.flat_param.grad, _plain_copy_grad(twin, r.layout, r.flat_param, x))
+
+
+def test_sparse_embedding_gives_a_dense_flat_gradient() -> None:
+    net = nn.Sequential(nn.Embedding(10, 3, sparse=True), nn.Linear(3, 2))
+    twin = copy.deepcopy(net)
+    r = ReparamModule(net)
+    idx = torch.randint(0, 10, (5,))
+    theta = torch.randn(r.param_numel, requires_grad=True)
+    r(idx, flat_param=theta).square().sum().backward()  # the original failed here
+    assert not theta.grad.is_sparse
+    torch.testing.assert_close(theta.grad, _plain_copy_grad(twin, r.layout, theta, idx))
+
+
+def test_modules_that_ask_their_parameters_for_device_and_dtype() -> None:
+    class AsksDevice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            p = next(self.parameters())  # Hugging Face's .device/.dtype do this
+            return self.lin(x.to(p.device, p.dtype))
+
+    net = AsksDevice()
+    twin = copy.deepcopy(net)
+    r = ReparamModule(net)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert torch.equal(r(x), twin(x))
+    assert [n for n, _ in net.named_parameters()] == [n for n, _ in twin.named_parameters()]
+    assert tuple(r.parameters()) == (r.flat_param,)  # the wrapper still has one parameter

@@ -66,6 +66,30 @@ def test_per_member_inputs(strategy: str) -> None:
     assert torch.equal(r(xs, flat_param=thetas, in_dims=0), out)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_auto_checks_that_vmap_can_also_go_backward() -> None:
+    # Under vmap, TransformerEncoderLayer (eval) runs a fused kernel without a derivative: the
+    # forward works, the backward fails. "auto" must not pick vmap for calls that need grads.
+    r = ReparamModule(attention()).eval()
+    x = torch.randn(2, 5, 8)
+    thetas = (0.3 * torch.randn(4, r.param_numel)).requires_grad_()
+    for _ in range(3):
+        r(x, flat_param=thetas).sum().backward()
+    assert list(r._plans.values()) == ["loop"]
+
+
+def test_auto_under_compile_picks_a_strategy_without_timing() -> None:
+    r, twin, (x,) = build("mlp")
+    counter = CompileCounter()
+    f = torch.compile(lambda t, inp: r(inp, flat_param=t), fullgraph=True, backend=counter)
+    thetas = torch.randn(3, r.param_numel)
+    expected = torch.stack(
+        [torch.func.functional_call(twin, r.layout.unflatten(t), (x,)) for t in thetas]
+    )
+    torch.testing.assert_close(f(thetas, x), expected)
+    assert counter.frame_count == 1
+
+
 def test_population_of_one_is_a_single_call() -> None:
     r, _, (x,) = build("convbn")
     theta = torch.randn(r.param_numel)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ._checks import check_buffers, check_flat_param
@@ -54,4 +55,18 @@ def call(
 ) -> Any:
     """``fn(*args, **kwargs)`` with the tree of ``core`` seeing ``flat_param``/``buffers``."""
     params, bufs = resolve(core, flat_param, buffers)
-    return call_bound(core, params, bufs, fn, args, kwargs)
+    guard = flat_param is not None and flat_param.requires_grad and torch.is_grad_enabled()
+    if buffers is None or bufs is None:
+        return call_bound(core, params, bufs, fn, args, kwargs, guard)
+    given = list(bufs)
+    out = call_bound(core, params, bufs, fn, args, kwargs, guard)
+    _write_back(given, bufs)
+    return out
+
+
+def _write_back(given: list[Tensor], bound: list[Tensor]) -> None:
+    """A buffer the module reassigned (``self.avg = ...``) updates the tensor it was given."""
+    for old, new in zip(given, bound, strict=True):
+        if new is not old:
+            with torch.no_grad():
+                old.copy_(new)

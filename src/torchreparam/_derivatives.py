@@ -129,9 +129,10 @@ def hessian(
     """
     n = flat_param.numel()
     if n > max_params:
-        gib = n * n * flat_param.element_size() / 2**30
+        mib = n * n * flat_param.element_size() / 2**20
+        size = f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.1f} MiB"
         raise ValueError(
-            f"the Hessian of {n:,} parameters needs {n:,}^2 elements ({gib:.1f} GiB); use hvp "
+            f"the Hessian of {n:,} parameters needs {n:,}^2 elements ({size}); use hvp "
             f"for products with vectors, or pass max_params={n} to build it anyway"
         )
     eye = torch.eye(n, dtype=flat_param.dtype, device=flat_param.device)
@@ -162,7 +163,8 @@ def per_example_grads(
     """Gradients of a per-example loss for every example: a ``(batch, num_params)`` matrix.
 
     ``torch.func.vmap`` of ``torch.func.grad`` over the examples: modules must not update
-    buffers in place (use eval mode, or ``r.pure``).
+    buffers in place (put BatchNorm in eval mode; per-example gradients through batch
+    statistics are not defined anyway).
 
     Args:
         loss_fn: ``loss_fn(flat_param, *example)`` -> scalar, where ``example`` holds one

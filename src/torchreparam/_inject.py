@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ._layout import FlatLayout
+from ._recompute import guard_recomputation
 from ._views import ViewMaker
 
 __all__ = ["Core", "bind", "call_bound", "innermost", "install", "uninstall", "core_of", "CORE_KEY"]
@@ -30,10 +31,11 @@ __all__ = ["Core", "bind", "call_bound", "innermost", "install", "uninstall", "c
 CORE_KEY = "_torchreparam_core"
 
 
-# A binding is ``(core, params, buffers, outer)``: the tensors one call (or ``with`` block)
-# puts into one module tree, linked to the binding it shadows. Tuples: the getters read them on
-# every attribute access, and a tuple is the cheapest thing to build and to index.
-_Binding = tuple  # (Core, tuple[Tensor, ...], list[Tensor] | None, _Binding | None)
+# A binding is ``(core, params, buffers, outer, guard)``: the tensors one call (or ``with``
+# block) puts into one module tree, linked to the binding it shadows; ``guard`` is set when the
+# params are a caller's vector that needs gradients (checkpoint recomputation must see them).
+# Tuples: the getters read them on every attribute access; nothing is cheaper to build and index.
+_Binding = tuple  # (Core, tuple[Tensor, ...], list[Tensor] | None, _Binding | None, bool)
 
 _ACTIVE: contextvars.ContextVar[_Binding | None] = contextvars.ContextVar(
     "torchreparam_active", default=None
@@ -46,7 +48,7 @@ def innermost(core: Core) -> _Binding | None:
     """This thread's innermost binding of ``core``'s tree, if any."""
     if _is_dynamo():
         compiled = core.compiled
-        return None if compiled is None else (core, compiled[0], compiled[1], None)
+        return None if compiled is None else (core, compiled[0], compiled[1], None, False)
     binding = _active()
     while binding is not None and binding[0] is not core:
         binding = binding[3]
@@ -125,7 +127,9 @@ class Core:
 
 
 @contextmanager
-def bind(core: Core, params: tuple[Tensor, ...], buffers: list[Tensor] | None) -> Iterator[None]:
+def bind(
+    core: Core, params: tuple[Tensor, ...], buffers: list[Tensor] | None, guard: bool = False
+) -> Iterator[None]:
     """Within the block, this thread's calls of the tree see ``params`` and ``buffers``."""
     if _is_dynamo():
         outer = core.compiled
@@ -135,7 +139,7 @@ def bind(core: Core, params: tuple[Tensor, ...], buffers: list[Tensor] | None) -
         finally:
             core.compiled = outer
         return
-    token = _ACTIVE.set((core, params, buffers, _active()))
+    token = _ACTIVE.set((core, params, buffers, _active(), guard))
     try:
         yield
     finally:
@@ -149,16 +153,29 @@ def call_bound(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    guard: bool = False,
 ) -> Any:
     """``fn(*args, **kwargs)`` with ``params``/``buffers`` bound (:func:`bind`, inlined)."""
     if _is_dynamo():
         with bind(core, params, buffers):
             return fn(*args, **kwargs)
-    token = _ACTIVE.set((core, params, buffers, _active()))
+    token = _ACTIVE.set((core, params, buffers, _active(), guard))
     try:
         return fn(*args, **kwargs)
     finally:
         _ACTIVE.reset(token)
+
+
+def _run_in(chain: _Binding | None, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """``fn(*args)`` with the bindings ``chain`` active (checkpoint recomputation)."""
+    token = _ACTIVE.set(chain)
+    try:
+        return fn(*args)
+    finally:
+        _ACTIVE.reset(token)
+
+
+_CALL_CODE = call_bound.__code__
 
 
 # ---- generated classes ------------------------------------------------------------------
@@ -174,9 +191,11 @@ def _param_property(name: str, slot: int) -> property:
         if _is_dynamo():
             compiled = core.compiled
             return compiled[0][slot] if compiled is not None else core.own_views()[slot]
-        binding = _active()  # the hot path: inlined innermost(core)
+        chain = binding = _active()  # the hot path: inlined innermost(core)
         while binding is not None:
             if binding[0] is core:
+                if binding[4]:  # a caller's vector that needs gradients
+                    guard_recomputation(chain, _run_in, _CALL_CODE)
                 return binding[1][slot]
             binding = binding[3]
         return core.own_views()[slot]
@@ -289,8 +308,30 @@ def _make_class(spec: _Spec) -> type:
             base._apply(self, fn, recurse)
         return self
 
+    def named_parameters(
+        self: nn.Module, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, Tensor]]:
+        """The parameters as the module sees them: views of the bound flat vector.
+
+        Called on the unwrapped module (``next(net.parameters()).device`` works, as Hugging
+        Face's ``.device`` needs). The wrapper's own ``parameters()`` still yields only
+        ``flat_param``: it reads each submodule's ``_parameters``, not this method.
+        """
+        modules = self.named_modules(prefix=prefix) if recurse else [(prefix, self)]
+        seen: set[int] = set()
+        for path, module in modules:
+            spec = getattr(type(module), "_torchreparam_spec", None)
+            names = [n for n, _ in spec[1]] if spec is not None else list(module._parameters)
+            for name in names:
+                value = getattr(module, name)
+                if value is None or (remove_duplicate and id(value) in seen):
+                    continue
+                seen.add(id(value))
+                yield (f"{path}.{name}" if path else name), value
+
     namespace: dict[str, Any] = {
         "_apply": _apply,
+        "named_parameters": named_parameters,
         "__setattr__": __setattr__,
         "__reduce_ex__": __reduce_ex__,
         "_save_to_state_dict": _save_to_state_dict,

@@ -166,8 +166,11 @@ class ReparamModule(nn.Module):
         The call runs on copies of ``buffers`` (or of the module's own); whatever the module
         updates in place (BatchNorm's running statistics in train mode) is updated in the
         copies, which are returned by name. For a population, every member gets its own copy
-        and the returned buffers are ``(population, *shape)``. Suited to ``torch.func``
-        transforms and to code that must not see its tensors change.
+        and the returned buffers are ``(population, *shape)``. Suited to ``torch.func.grad``,
+        ``jacrev``, ``jacfwd`` and ``hessian`` over ``flat_param``, and to code that must not
+        see its tensors change. (Under ``torch.func.vmap``, BatchNorm in train mode refuses
+        unbatched running statistics: for a population, pass ``flat_param`` of shape
+        ``(population, num_params)``, which gives every member its own copy.)
 
         Returns:
             ``(output, {buffer name: updated buffer})``.
@@ -214,7 +217,8 @@ class ReparamModule(nn.Module):
             flat_param: ``(num_params,)``.
         """
         params, buffers = resolve(self._core, flat_param, None)
-        with bind(self._core, params, buffers):
+        guard = flat_param.requires_grad and torch.is_grad_enabled()
+        with bind(self._core, params, buffers, guard):
             yield
 
     @contextmanager

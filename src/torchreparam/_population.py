@@ -83,6 +83,8 @@ def call_population(
             "(population, *shape), use eval mode, or use strategy 'loop'"
         )
     job = _Job(core, fn, args, kwargs, thetas, bound, dims, buffer_dims)
+    if strategy == "auto" and torch.compiler.is_compiling():
+        strategy = "vmap"  # timing cannot be traced; in a graph the batched call is the one
     if strategy == "loop" or not may_vmap:
         return job.loop()
     if strategy == "vmap":
@@ -140,8 +142,9 @@ class _Job:
             outs.append(call(self.core, self.fn, args, self.kwargs, theta, bufs))
         return stack_outputs(outs)
 
-    def vmap(self, buffers: Sequence[Tensor] | None = None) -> Any:
+    def vmap(self, buffers: Sequence[Tensor] | None = None, thetas: Tensor | None = None) -> Any:
         buffers = self.buffers if buffers is None else buffers
+        thetas = self.thetas if thetas is None else thetas
         count = 0 if buffers is None else len(buffers)
 
         def member(theta: Tensor, *rest: Any) -> Any:
@@ -150,7 +153,7 @@ class _Job:
 
         in_dims = (0, *self.buffer_dims, *self.dims)
         vmapped = torch.func.vmap(member, in_dims=in_dims, randomness="different")
-        return vmapped(self.thetas, *(buffers or ()), *self.args)
+        return vmapped(thetas, *(buffers or ()), *self.args)
 
 
 def _auto(job: _Job, plans: dict[Any, str]) -> Any:
@@ -160,21 +163,33 @@ def _auto(job: _Job, plans: dict[Any, str]) -> Any:
         return job.loop()
     if plan == "vmap":
         return job.vmap()
-    # First call of this signature: a trial of vmap on copies of the buffers, then the loop
-    # for real; the faster one serves the next calls. Randomness (dropout) draws twice here.
+    # First call of this signature: a trial of vmap on copies of the buffers (and, when
+    # gradients are needed, a backward through it: some batched kernels have no derivative),
+    # then the loop for real; the faster one serves the next calls. Randomness (dropout) draws
+    # twice here.
     trial = None if job.buffers is None else [b.clone() for b in job.buffers]
-    start = time.perf_counter()
     try:
-        with warnings.catch_warnings():  # the real run below (the loop) shows the model's own
-            warnings.simplefilter("ignore")
-            job.vmap(trial)
-        vmap_seconds = time.perf_counter() - start
+        vmap_seconds = _trial(job, trial, needs_grad=key[4])
     except Exception:  # an op without a batching rule, for example: the loop always works
         vmap_seconds = float("inf")
     start = time.perf_counter()
     out = job.loop()
     plans[key] = "vmap" if vmap_seconds < time.perf_counter() - start else "loop"
     return out
+
+
+def _trial(job: _Job, buffers: list[Tensor] | None, needs_grad: bool) -> float:
+    """Seconds for a vmap forward (on copies); raises if vmap (or its backward) fails."""
+    thetas = job.thetas.detach().requires_grad_(job.thetas.requires_grad)
+    with warnings.catch_warnings():  # the real run (the loop) shows the model's own warnings
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        out = job.vmap(buffers, thetas)
+        seconds = time.perf_counter() - start
+        leaves = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
+        if needs_grad and leaves and thetas.requires_grad:
+            torch.autograd.grad([t.sum() for t in leaves], thetas, allow_unused=True)
+    return seconds
 
 
 def stack_outputs(outs: Sequence[Any]) -> Any:

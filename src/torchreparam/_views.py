@@ -43,8 +43,15 @@ class _Unflatten(torch.autograd.Function):
         # The cat is made of differentiable ops: second-order gradients (MAML) flow through it.
         try:
             return _flatten(list(grads)), None
-        except RuntimeError:  # batched grads (autograd.grad(is_grads_batched=True)): no rule
-            return torch.cat([g.reshape(-1) for g in grads]), None
+        except RuntimeError:  # rare layouts: see _cat_slow
+            return _cat_slow(grads), None
+
+
+def _cat_slow(grads: tuple[Tensor, ...]) -> Tensor:
+    """The flat gradient when the C++ flatten refuses: sparse grads (``Embedding(sparse=True)``)
+    are densified, since one flat vector has one dense gradient; batched grads
+    (``autograd.grad(is_grads_batched=True)``) go through ``cat``, which has a batching rule."""
+    return torch.cat([(g.to_dense() if g.is_sparse else g).reshape(-1) for g in grads])
 
 
 # ``Function.apply`` first maps functorch's unwrapping over every argument (~2 us here); the
