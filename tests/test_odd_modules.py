@@ -226,3 +226,38 @@ def test_modules_that_ask_their_parameters_for_device_and_dtype() -> None:
     assert torch.equal(r(x), twin(x))
     assert [n for n, _ in net.named_parameters()] == [n for n, _ in twin.named_parameters()]
     assert tuple(r.parameters()) == (r.flat_param,)  # the wrapper still has one parameter
+
+
+# torch: embedding_renorm_ has no vmap batching rule (a slower fallback, still correct)
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_embedding_max_norm_never_renormalizes_the_callers_vector() -> None:
+    net = nn.Sequential(nn.Embedding(10, 3, max_norm=0.5), nn.Linear(3, 2))
+    twin = copy.deepcopy(net)
+    r = ReparamModule(net)
+    idx = torch.randint(0, 10, (6,))
+    theta = (3 * torch.randn(r.param_numel)).requires_grad_()
+    before, version = theta.detach().clone(), theta._version
+    out = r(idx, flat_param=theta)
+    assert torch.equal(theta.detach(), before)  # every peer renormalizes it in place
+    assert theta._version == version
+    out.square().sum().backward()
+    torch.testing.assert_close(theta.grad, _plain_copy_grad(twin, r.layout, before, idx))
+    for strategy in ("loop", "vmap"):
+        r.population_strategy = strategy
+        r(idx, flat_param=torch.stack([before, before]))
+        assert torch.equal(theta.detach(), before)
+
+
+def test_embedding_max_norm_with_its_own_weights_behaves_as_plain() -> None:
+    net = nn.Sequential(nn.Embedding(10, 3, max_norm=0.5), nn.Linear(3, 2))
+    twin = copy.deepcopy(net)
+    r = ReparamModule(net)
+    idx = torch.randint(0, 10, (6,))
+    out, expected = r(idx), twin(idx)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(r.module[0].weight, twin[0].weight)  # renormalized, as plain
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(
+        r.flat_param.grad, torch.cat([p.grad.reshape(-1) for p in twin.parameters()])
+    )

@@ -54,6 +54,10 @@ def call(
     buffers: Any = None,
 ) -> Any:
     """``fn(*args, **kwargs)`` with the tree of ``core`` seeing ``flat_param``/``buffers``."""
+    if flat_param is None and buffers is None and core.writes and innermost(core) is None:
+        # The module's own weights, written in place by some module mid-call: every read must
+        # see flat_param as it is now, so nothing is bound up front (the getters read it).
+        return fn(*args, **kwargs)
     params, bufs = resolve(core, flat_param, buffers)
     guard = flat_param is not None and flat_param.requires_grad and torch.is_grad_enabled()
     if buffers is None or bufs is None:

@@ -73,6 +73,7 @@ class Core:
         self.compiled: tuple[tuple[Tensor, ...], list[Tensor] | None] | None = None
         self.loading_flat = False  # a wrapper-format state dict is being loaded
         self.applying = False  # the holder's _apply is converting the whole tree
+        self.writes = False  # a module of the tree writes its weights in place (WRITES_WEIGHTS)
         self._cache: tuple[Tensor, tuple[int, int, bool], tuple[Tensor, ...]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -115,6 +116,17 @@ class Core:
             yield
         finally:
             self.applying = False
+
+    def cached_views(self) -> tuple[Tensor, ...] | None:
+        """The cached views of ``flat_param``, if any (what binds the module's own weights)."""
+        return None if self._cache is None else self._cache[2]
+
+    def writable_view(self, slot: int) -> Tensor:
+        """A plain ``narrow`` view of ``flat_param`` for one entry: autograd lets it be written
+        in place and then used (its backward builds a full-length gradient: only for the few
+        modules that need it)."""
+        entry = self.layout.entries[slot]
+        return self.flat().narrow(0, entry.offset, entry.numel).view(entry.shape)
 
     def own_buffers(self) -> list[Tensor]:
         """The module's own buffers, in ``module.buffers()`` order."""
@@ -180,8 +192,8 @@ _CALL_CODE = call_bound.__code__
 
 # ---- generated classes ------------------------------------------------------------------
 # key: (base class, param order as ((name, slot or None), ...), buffers as ((name, slot), ...),
-# whether the module is the root of the managed tree)
-_Spec = tuple[type, tuple[tuple[str, int | None], ...], tuple[tuple[str, int], ...], bool]
+# whether the module is the root of the managed tree, whether it writes its weights in place)
+_Spec = tuple[type, tuple[tuple[str, int | None], ...], tuple[tuple[str, int], ...], bool, bool]
 _CLASSES: weakref.WeakValueDictionary[_Spec, type] = weakref.WeakValueDictionary()
 
 
@@ -202,6 +214,32 @@ def _param_property(name: str, slot: int) -> property:
 
     fget.__name__ = name
     return property(fget, doc=f"{name}: a view of the bound flat vector (managed by torchreparam)")
+
+
+def _writable_param_property(name: str, slot: int) -> property:
+    """For modules that write their weights in place in forward (see :data:`WRITES_WEIGHTS`)."""
+
+    def fget(module: nn.Module) -> Tensor:
+        core: Core = module.__dict__[CORE_KEY]
+        if _is_dynamo():
+            compiled = core.compiled
+            return compiled[0][slot] if compiled is not None else core.own_views()[slot]
+        binding = innermost(core)
+        if binding is None or binding[1] is core.cached_views():
+            return core.writable_view(slot)  # the module's own: written in place, as plain
+        return binding[1][slot].clone()  # a caller's vector is never written
+
+    fget.__name__ = name
+    return property(fget, doc=f"{name}: the bound weights (a copy for a caller's vector)")
+
+
+# Modules whose forward writes their own weights in place: torch.nn.functional.embedding's
+# max_norm renormalization. For them a caller's vector is read as a copy (every peer lets it be
+# renormalized in place), and the module's own as a plain view of flat_param (which autograd
+# lets be written and then used), so the module behaves exactly as a plain one.
+WRITES_WEIGHTS: list[Callable[[nn.Module], bool]] = [
+    lambda m: isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None,
+]
 
 
 def _buffer_property(name: str, slot: int) -> property:
@@ -229,7 +267,7 @@ def managed_class(spec: _Spec) -> type:
 
 def _make_class(spec: _Spec) -> type:
     base: type[nn.Module]
-    base, order, buffers, is_root = spec
+    base, order, buffers, is_root, writes = spec
     managed = {name: slot for name, slot in order if slot is not None}
     buffer_slots = dict(buffers)
 
@@ -340,7 +378,8 @@ def _make_class(spec: _Spec) -> type:
         "__qualname__": base.__qualname__,
         "_torchreparam_spec": spec,
     }
-    namespace.update({name: _param_property(name, slot) for name, slot in managed.items()})
+    make = _writable_param_property if writes else _param_property
+    namespace.update({name: make(name, slot) for name, slot in managed.items()})
     namespace.update({name: _buffer_property(name, slot) for name, slot in buffers})
     return type(base.__name__, (base,), namespace)
 
@@ -368,7 +407,9 @@ def install(core: Core, root: nn.Module) -> None:
         )
         if module is not root and not buffers and all(slot is None for _, slot in order):
             continue  # nothing to manage here (the root is always marked as managed)
-        cls = managed_class((type(module), order, buffers, module is root))
+        writes = any(predicate(module) for predicate in WRITES_WEIGHTS)
+        core.writes = core.writes or writes
+        cls = managed_class((type(module), order, buffers, module is root, writes))
         for name, slot in order:
             if slot is not None:
                 del module._parameters[name]
