@@ -26,7 +26,7 @@ from ._layout import FlatLayout
 from ._recompute import guard_recomputation
 from ._views import ViewMaker
 
-__all__ = ["Core", "bind", "call_bound", "innermost", "install", "uninstall", "core_of", "CORE_KEY"]
+__all__ = ["CORE_KEY", "Core", "bind", "call_bound", "innermost", "install"]
 
 CORE_KEY = "_torchreparam_core"
 
@@ -385,16 +385,16 @@ def _make_class(spec: _Spec) -> type:
 
 
 # ---- installing on a module tree --------------------------------------------------------
-def core_of(module: nn.Module) -> Core | None:
-    """The core managing ``module``, if torchreparam manages it."""
-    return module.__dict__.get(CORE_KEY)
-
-
 def install(core: Core, root: nn.Module) -> None:
-    """Turn every managed parameter and every buffer of ``root`` into a property of ``core``.
+    """Move every managed parameter of ``root`` into ``flat_param`` and make it a property.
 
-    The managed parameters are removed from their modules (their data lives in ``flat_param``).
+    Module by module, each managed parameter is copied into its slice of ``flat_param`` and
+    removed from its module, so a parameter nobody else references is freed before the next
+    is copied: wrapping needs about one parameter of extra memory, not a copy of the model.
+    Buffers become properties too (they stay registered where they are).
     """
+    flat = core.flat().detach()
+    filled: set[int] = set()
     buffer_slots = {id(m._buffers[n]): i for i, (m, n) in enumerate(core.buffer_sites)}
     index = {name: i for i, e in enumerate(core.layout.entries) for name in (e.name, *e.aliases)}
     for prefix, module in root.named_modules(remove_duplicate=True, prefix=""):
@@ -411,22 +411,13 @@ def install(core: Core, root: nn.Module) -> None:
         core.writes = core.writes or writes
         cls = managed_class((type(module), order, buffers, module is root, writes))
         for name, slot in order:
-            if slot is not None:
-                del module._parameters[name]
+            if slot is None:
+                continue
+            if slot not in filled:  # a tied parameter is copied at its first occurrence
+                entry = core.layout.entries[slot]
+                with torch.no_grad():
+                    flat[entry.slice].copy_(module._parameters[name].reshape(-1))  # type: ignore[union-attr]
+                filled.add(slot)
+            del module._parameters[name]
         module.__dict__[CORE_KEY] = core
         module.__class__ = cls
-
-
-def uninstall(root: nn.Module, params: dict[str, nn.Parameter]) -> None:
-    """Undo :func:`install`: restore classes and register ``params`` (name -> Parameter)."""
-    for prefix, module in root.named_modules(remove_duplicate=True, prefix=""):
-        spec = getattr(type(module), "_torchreparam_spec", None)
-        if spec is None:
-            continue
-        dot = f"{prefix}." if prefix else ""
-        restored = dict(module._parameters)
-        module._parameters.clear()
-        for name, slot in spec[1]:
-            module._parameters[name] = params[dot + name] if slot is not None else restored[name]
-        module.__class__ = spec[0]
-        del module.__dict__[CORE_KEY]

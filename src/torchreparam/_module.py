@@ -81,11 +81,8 @@ class ReparamModule(nn.Module):
         layout = FlatLayout.from_named_tensors(selected, aliases=aliases_of(module, selected))
         if not selected:  # nothing to hold: follow the buffers' floating dtype, if any
             layout = FlatLayout((), _buffer_dtype(module))
-        with torch.no_grad():
-            flat = torch.empty(layout.numel, dtype=layout.dtype, device=device)
-            for entry, param in zip(layout.entries, selected.values(), strict=True):
-                flat[entry.slice].copy_(param.reshape(-1))
-        del selected  # the module's own parameters are freed once install() drops them
+        del selected  # no references kept: install() frees each parameter once it is copied
+        flat = torch.empty(layout.numel, dtype=layout.dtype, device=device)  # filled by install
         self.flat_param = nn.Parameter(flat, requires_grad=requires_grad)
         self.module = module
         sites = {name: _buffer_site(module, name) for name, _ in module.named_buffers()}
@@ -361,6 +358,11 @@ class ReparamModule(nn.Module):
 def _check_wrappable(module: object) -> None:
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if isinstance(module, torch.jit.ScriptModule):
+        raise TypeError(
+            "module is a TorchScript module, whose parameters live in C++; wrap the Python "
+            "module before scripting it (ReparamModule.trace traces the wrapped call)"
+        )
     if isinstance(module, ReparamModule):
         raise ValueError(
             "module is already a ReparamModule; use it directly (its .module is the model)"
