@@ -416,7 +416,7 @@ def install(core: Core, root: nn.Module) -> None:
             if slot not in filled:  # a tied parameter is copied at its first occurrence
                 entry = core.layout.entries[slot]
                 with torch.no_grad():
-                    flat[entry.slice].copy_(module._parameters[name].reshape(-1))  # type: ignore[union-attr]
+                    flat[entry.slice].copy_(module._parameters[name].reshape(-1))
                 filled.add(slot)
             del module._parameters[name]
         module.__dict__[CORE_KEY] = core
