@@ -25,6 +25,7 @@ from ._checkpoint import (
 )
 from ._checks import StateDictMismatchError
 from ._derivatives import gnvp, hessian, hvp, jacobian, per_example_grads
+from ._distributed import evaluate_population
 from ._inner import AdamState, SGDState, adam, sgd
 from ._layout import FlatLayout, LayoutEntry
 from ._module import ReparamModule
@@ -39,6 +40,7 @@ __all__ = [
     "StateDictMismatchError",
     "Trajectory",
     "adam",
+    "evaluate_population",
     "from_state_dict",
     "gnvp",
     "hessian",

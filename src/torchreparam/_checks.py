@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["StateDictMismatchError", "check_buffers", "check_flat_param", "check_in_dims"]
+__all__ = [
+    "StateDictMismatchError",
+    "check_buffers",
+    "check_flat_param",
+    "check_in_dims",
+    "is_dtensor",
+]
 
 
 class StateDictMismatchError(ValueError, RuntimeError):
@@ -24,6 +31,14 @@ def _describe(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
+def is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a ``torch.distributed`` DTensor (such as the ``flat_param`` that FSDP's
+    ``fully_shard`` shards). Free when DTensor was never imported: then none can exist."""
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)
+    return dtensor is not None and isinstance(value, dtensor)
+
+
 def check_flat_param(theta: object, numel: int, ref: Tensor, argname: str = "flat_param") -> None:
     """Raise unless ``theta`` can stand in for ``ref`` (the module's flat parameter).
 
@@ -33,6 +48,13 @@ def check_flat_param(theta: object, numel: int, ref: Tensor, argname: str = "fla
         raise TypeError(
             f"{argname} must be a torch.Tensor of shape ({numel},) or (population, {numel}), "
             f"got {_describe(theta)}"
+        )
+    if is_dtensor(theta):
+        raise TypeError(
+            f"{argname} is a DTensor (placements {getattr(theta, 'placements', ())}), spread "
+            "across ranks like the flat_param that FSDP's fully_shard shards: pass a plain "
+            f"tensor, for example {argname}.full_tensor() (a collective: call it on every rank), "
+            "or call the wrapper without flat_param= to use its own (FSDP gathers it for the call)"
         )
     if theta.dim() not in (1, 2) or theta.shape[-1] != numel or 0 in theta.shape[:-1]:
         raise ValueError(

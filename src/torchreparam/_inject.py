@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import is_dtensor
 from ._layout import FlatLayout
 from ._recompute import guard_recomputation
 from ._views import ViewMaker
@@ -91,6 +92,11 @@ class Core:
         flat = self.holder._parameters["flat_param"]
         if _is_dynamo():  # the graph reads flat_param itself: no cache, no version checks
             return self.views.traceable(flat)  # type: ignore[arg-type]
+        if is_dtensor(flat):
+            # Sharded by FSDP's fully_shard, read outside its forward (which gathers it): the
+            # full vector, gathered on every read. A collective: every rank must read alike, as
+            # they do when they all run the same code; r.unshard() gathers it once instead.
+            return self.views.traceable(flat.full_tensor())  # type: ignore[union-attr]
         cache = self._cache
         if (
             cache is not None
@@ -355,7 +361,13 @@ def _make_class(spec: _Spec) -> type:
         Face's ``.device`` needs). The wrapper's own ``parameters()`` still yields only
         ``flat_param``: it reads each submodule's ``_parameters``, not this method.
         """
-        modules = self.named_modules(prefix=prefix) if recurse else [(prefix, self)]
+        if not recurse:
+            # This module's registered parameters only, as nn.Module: torch's DDP and FSDP walk
+            # every submodule with recurse=False for the parameters they manage, which must be
+            # flat_param alone (they would otherwise try to own, and reassign, the views).
+            yield from nn.Module.named_parameters(self, prefix, recurse, remove_duplicate)
+            return
+        modules = self.named_modules(prefix=prefix)
         seen: set[int] = set()
         for path, module in modules:
             spec = getattr(type(module), "_torchreparam_spec", None)
