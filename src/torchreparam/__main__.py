@@ -1,4 +1,4 @@
-"""Command line: ``python -m torchreparam {demo} [options]``."""
+"""Command line: ``python -m torchreparam {demo,bench} [options]``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ._bench import cli as bench_cli
 from ._demo import run_demo
 
 __all__ = ["main"]
@@ -26,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="64x64 images instead of 224x224")
     demo.add_argument("--image-size", type=int, default=None, help="image side in pixels")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    bench_cli.add_parser(commands)
     return parser
 
 
@@ -36,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_demo(quick=args.quick, image_size=args.image_size, seed=args.seed)
         ok = result["only_flat"] and result["equal"] and result["grad_nonzero"] > 0
         return 0 if ok else 1
+    if args.command == "bench":
+        return bench_cli.run(args)
     return 2  # argparse rejects unknown commands before this
 
 

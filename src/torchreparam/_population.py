@@ -179,17 +179,18 @@ def _auto(job: _Job, plans: dict[Any, str]) -> Any:
 
 
 def _trial(job: _Job, buffers: list[Tensor] | None, needs_grad: bool) -> float:
-    """Seconds for a vmap forward (on copies); raises if vmap (or its backward) fails."""
+    """Seconds for a vmap forward (on copies), timed after a warm-up run (vmap's first call
+    pays one-time costs); raises if vmap (or its backward) fails."""
     thetas = job.thetas.detach().requires_grad_(job.thetas.requires_grad)
     with warnings.catch_warnings():  # the real run (the loop) shows the model's own warnings
         warnings.simplefilter("ignore")
-        start = time.perf_counter()
         out = job.vmap(buffers, thetas)
-        seconds = time.perf_counter() - start
         leaves = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
         if needs_grad and leaves and thetas.requires_grad:
             torch.autograd.grad([t.sum() for t in leaves], thetas, allow_unused=True)
-    return seconds
+        start = time.perf_counter()
+        job.vmap(buffers, thetas)
+        return time.perf_counter() - start
 
 
 def stack_outputs(outs: Sequence[Any]) -> Any:

@@ -1,0 +1,91 @@
+"""The benchmarks page: fixed text, then one section per device, each kept until re-measured."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["HEADER", "compose_page", "write_page"]
+
+HEADER = """\
+# Benchmarks
+
+Written by the benchmark suite; do not edit by hand. Run it again with
+
+```bash
+python -m torchreparam bench              # the full suite, writes docs/benchmarks.md
+python -m torchreparam bench --smoke      # tiny budgets: checks that every case runs
+python -m torchreparam bench --only maml  # one case (see --help for the list)
+python benchmarks/run.py                  # the same, from a source checkout
+```
+
+The optional peers come from `pip install higher transformers tqdm`; a peer that is not
+installed is listed as skipped.
+
+## Method
+
+- Every contender of a table runs in the same process, in interleaved rounds: each round
+  runs every contender for a block of calls (about 20 ms), in an order that rotates from round
+  to round; the garbage collector is off within a block (as `timeit` does).
+- A contender's time is the median over rounds of its time per call; its ratio is the median
+  over rounds of its time divided by the baseline's time in the same round (a paired ratio),
+  which cancels most of the drift of a shared machine. The baseline is the first row. When
+  the machine's load changes during a run, two medians can be far apart while the paired
+  ratio stays put: read the ratio.
+- CPU figures use `torch.set_num_threads(1)`: they measure overhead, not parallel kernels.
+- The machine is shared and noisy: compare ratios within one table rather than absolute
+  times across tables or runs.
+- The original torchreparam is re-implemented faithfully inside the suite
+  (`torchreparam._bench.original`): `torch.cat` into `flat_param`, then on every call
+  `split` + `.view`, `setattr` on the modules, the call, and `setattr` back.
+
+## Allocator note (Linux, glibc)
+
+glibc serves every allocation over 32 MB with a fresh `mmap` and gives it back to the system
+when it is freed, so a large tensor made anew at every step is page-faulted in again each
+time. A flat gradient is such a tensor: for a ResNet-18 (47 MB) that is about 12,000 minor
+page faults per forward+backward (measured here: 12,300 per step with glibc's defaults, 0 with
+the settings below; `loss.backward()` into an existing `flat_param.grad` pays them too, as the
+backward makes a fresh flat gradient before adding it). Per-tensor gradients stay under the
+threshold and do not pay this. Every flat-vector approach pays it, the original included (see
+the two ResNet-18 tables below). To let glibc keep and reuse freed memory, set before
+starting Python:
+
+```bash
+export MALLOC_MMAP_THRESHOLD_=2147483647 MALLOC_TRIM_THRESHOLD_=2147483647
+```
+
+or preload another allocator (jemalloc, tcmalloc). The same holds for non-fused optimizers
+over one flat parameter, whose temporaries are flat too: Adam over a 47 MB `flat_param`
+took 22,800 page faults per step with `foreach=False`, 11,400 with `foreach=True` and none
+with `fused=True` (measured here, default allocator). Prefer `fused=True`.
+"""
+
+PLACEHOLDERS = {
+    "cpu": "## CPU, one thread\n\nNot measured yet: run `python -m torchreparam bench`.",
+    "cuda": "## CUDA\n\nNot measured: the machine of the last run had no CUDA device "
+    "(`torch.cuda.is_available()` was False). The suite runs its GPU cases by itself where "
+    "one is present and publishes them here, apart from the CPU figures.",
+}
+
+
+def _section_of(page: str, name: str) -> str | None:
+    found = re.search(rf"<!-- bench:{name} -->\n(.*?)\n<!-- /bench:{name} -->", page, re.S)
+    return found.group(1) if found else None
+
+
+def compose_page(sections: Mapping[str, str], existing: str | None) -> str:
+    """The page: the fixed text, then each device's section, new or kept from ``existing``."""
+    parts = [HEADER]
+    for name, placeholder in PLACEHOLDERS.items():
+        body = sections.get(name) or (existing and _section_of(existing, name)) or placeholder
+        parts += [f"<!-- bench:{name} -->", body.strip(), f"<!-- /bench:{name} -->", ""]
+    return "\n".join(parts)
+
+
+def write_page(path: Path, sections: Mapping[str, str]) -> None:
+    """Write the page to ``path``, keeping the sections of devices this run did not measure."""
+    existing = path.read_text() if path.exists() else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(compose_page(sections, existing))

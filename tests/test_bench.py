@@ -1,0 +1,187 @@
+"""The benchmark suite keeps working: smoke mode end to end, and its parts. Never timings."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from torchreparam.__main__ import main
+from torchreparam._bench import gpt2, models, page, peers
+from torchreparam._bench.original import OriginalReparamModule
+from torchreparam._bench.report import Table, at_least, at_most
+from torchreparam._bench.timing import Budget, compare, median_ratio, slope
+
+# Every target, by the start of its table's title.
+TARGETS = [
+    "Forward with another flat vector, MLP 16-32-32-4",
+    "Forward+backward to the flat vector, MLP 16-32-32-4",
+    "Overhead per parameter tensor, no grad",
+    "Overhead per parameter tensor, forward, grad enabled",
+    "MAML meta-step, MLP 16-32-32-4",
+    "Population of 8 flat vectors, MLP 16-32-32-4",
+    "Population of 8 flat vectors, 4-block conv net",
+    "ResNet-18 forward+backward to the flat vector, tuned allocator",
+    "Wrapping ResNet-18",
+    "Adam step,",
+]
+PEERS = [
+    peers.PLAIN,
+    peers.OURS,
+    peers.ORIGINAL,
+    peers.FUNC_FLAT,
+    peers.FUNC_PREBUILT,
+    peers.V2P,
+]
+
+
+def _section(text: str, title: str) -> str:
+    """The markdown from the heading ``### title...`` to the next heading."""
+    start = text.index(f"### {title}")
+    end = text.find("\n#", start + 1)
+    return text[start : end if end >= 0 else None]
+
+
+@pytest.fixture(scope="module")
+def smoke_page(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("bench") / "benchmarks.md"
+    assert main(["bench", "--smoke", "--device", "cpu", "--out", str(out)]) == 0
+    return out.read_text()
+
+
+def test_smoke_page_has_every_target(smoke_page: str) -> None:
+    summary = _section(smoke_page, "Targets")
+    for title in TARGETS:
+        assert f"| {title}" in summary, title
+        assert f"### {title}" in smoke_page, title
+    verdicts = re.findall(r"Result: \*\*(\w+)", smoke_page)
+    assert len(verdicts) == len(TARGETS)
+    assert set(verdicts) <= {"met", "missed"}
+
+
+def test_smoke_page_states_the_environment(smoke_page: str) -> None:
+    for field in ("| machine |", "| torch |", "| threads | torch.set_num_threads(1) |", "| date |"):
+        assert field in smoke_page
+    assert torch.__version__ in smoke_page
+    assert "MALLOC_MMAP_THRESHOLD_=2147483647" in smoke_page
+    assert "<!-- bench:cpu -->" in smoke_page
+    assert "<!-- bench:cuda -->" in smoke_page
+
+
+def test_smoke_forward_table_has_every_peer(smoke_page: str) -> None:
+    table = _section(smoke_page, "Forward with another flat vector")
+    for name in PEERS:
+        assert re.search(rf"\| {re.escape(name)} \| [\d.]+ (µs|ms|s) \| [\d.]+x \|", table), name
+    higher_row = re.search(rf"\| {re.escape(peers.HIGHER)} \|(.*)\n", table)
+    assert higher_row is not None
+    skipped = "skipped: higher is not installed" in higher_row.group(1)
+    assert skipped == (peers.higher is None)
+
+
+def test_smoke_optional_models(smoke_page: str) -> None:
+    if gpt2.available():
+        assert "### Forward+backward, GPT-2" in smoke_page
+    else:
+        assert "skipped: transformers is not installed" in smoke_page
+
+
+def test_smoke_both_allocators_and_the_wrap(smoke_page: str) -> None:
+    for allocator in ("default", "tuned"):
+        table = _section(smoke_page, f"ResNet-18 forward+backward to the flat vector, {allocator}")
+        assert f"| {peers.OURS} |" in table
+    wrap = _section(smoke_page, "Wrapping ResNet-18")
+    assert "| torchreparam | +" in wrap
+    assert "| original torchreparam | +" in wrap
+
+
+def test_only_one_case_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--smoke", "--only", "forward", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "### Forward with another flat vector" in out
+    assert "MAML" not in out
+
+
+def test_unknown_case_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--only", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_page_keeps_the_sections_it_did_not_measure(tmp_path: Path) -> None:
+    path = tmp_path / "b.md"
+    page.write_page(path, {"cuda": "## CUDA\n\ngpu figures"})
+    page.write_page(path, {"cpu": "## CPU, one thread\n\ncpu figures"})
+    text = path.read_text()
+    assert "gpu figures" in text
+    assert "cpu figures" in text
+    page.write_page(path, {"cpu": "## CPU, one thread\n\nnew cpu figures"})
+    text = path.read_text()
+    assert "new cpu figures" in text
+    assert text.count("cpu figures") == 1
+
+
+def test_compare_pairs_rounds() -> None:
+    calls = {"a": 0, "b": 0}
+
+    def bump(name: str) -> None:
+        calls[name] += 1
+
+    timings = compare(
+        {"a": lambda: bump("a"), "b": lambda: bump("b")}, "a", Budget(rounds=3, block_s=1e-4)
+    )
+    assert list(timings) == ["a", "b"]
+    assert len(timings["b"].times) == 3
+    assert timings["a"].ratio == 1.0
+    assert calls["a"] > 3
+    assert calls["b"] > 3
+    with pytest.raises(ValueError, match=re.escape("baseline 'c' is not one of ['a', 'b']")):
+        compare({"a": lambda: None, "b": lambda: None}, "c", Budget(rounds=1, block_s=1e-4))
+
+
+def test_statistics() -> None:
+    assert median_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0]) == 2.0
+    assert slope([8, 32, 128], [1.0, 4.0, 16.0]) == pytest.approx(0.125)
+    assert at_most("x", 1.2, 1.3).startswith("met")
+    assert at_most("x", 1.4, 1.3).startswith("missed")
+    assert at_least("x", 14.0, 13.0).startswith("met")
+    assert at_least("x", 6.5, 13.0) == "missed: x 6.50x, target >= 13x (short by 50%)"
+
+
+def test_table_row_lookup() -> None:
+    table = Table("k", "title", "", "", ("a", "b"), [("one", "1"), ("two", "2")])
+    assert table.row("two") == ("two", "2")
+    assert table.row("three") is None
+
+
+@pytest.mark.parametrize("factory", [models.mlp, models.conv4])
+def test_original_matches_functional_call(factory: object) -> None:
+    model = factory()  # type: ignore[operator]
+    net, twin = model.build(), model.build()
+    original = OriginalReparamModule(net)
+    assert tuple(original.parameters()) == (original.flat_param,)
+    theta = torch.randn(original.param_numel, requires_grad=True)
+    p = peers.Peers(model)
+    expected = functional_call(twin, p.dict_from(theta), model.inputs)
+    got = original(*model.inputs, flat_param=theta)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    (g1,) = torch.autograd.grad(got.sum(), theta)
+    (g2,) = torch.autograd.grad(expected.sum(), theta)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    torch.testing.assert_close(original(*model.inputs), twin(*model.inputs), rtol=0, atol=0)
+
+
+def test_peers_agree_on_forward_and_gradient() -> None:
+    p = peers.Peers(models.mlp())
+    with torch.no_grad():
+        outputs = {name: fn() for name, fn in peers.forward_contenders(p).items()}
+    reference = outputs[peers.OURS]
+    for name in (peers.ORIGINAL, peers.FUNC_FLAT, peers.FUNC_PREBUILT, peers.V2P):
+        torch.testing.assert_close(outputs[name], reference, msg=name)
+    grads = {name: fn() for name, fn in peers.backward_contenders(p).items()}
+    (reference,) = grads[peers.OURS]
+    for name in (peers.ORIGINAL, peers.FUNC_FLAT):
+        torch.testing.assert_close(grads[name][0], reference, msg=name)
+    torch.testing.assert_close(grads[peers.V2P], reference)
