@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ._checks import check_buffers, check_flat_param
 from ._inject import Core, call_bound, innermost
 
-__all__ = ["call", "resolve"]
+__all__ = ["call", "resolve", "write_back"]
 
 _PLAIN = (Tensor, nn.Parameter)
 
@@ -64,11 +64,11 @@ def call(
         return call_bound(core, params, bufs, fn, args, kwargs, guard)
     given = list(bufs)
     out = call_bound(core, params, bufs, fn, args, kwargs, guard)
-    _write_back(given, bufs)
+    write_back(given, bufs)
     return out
 
 
-def _write_back(given: list[Tensor], bound: list[Tensor]) -> None:
+def write_back(given: list[Tensor], bound: list[Tensor]) -> None:
     """A buffer the module reassigned (``self.avg = ...``) updates the tensor it was given."""
     for old, new in zip(given, bound, strict=True):
         if new is not old:

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._call import call
+from ._call import call, write_back
 from ._checks import check_buffers, check_flat_param, check_in_dims
-from ._inject import Core
+from ._inject import Core, call_bound
 
 __all__ = ["Strategy", "call_population", "population_buffers"]
 
@@ -146,14 +146,24 @@ class _Job:
         buffers = self.buffers if buffers is None else buffers
         thetas = self.thetas if thetas is None else thetas
         count = 0 if buffers is None else len(buffers)
+        # Every member's views, sliced once out of the (population, N) matrix: no split or
+        # view runs per member under vmap (each batched op costs vmap's dispatch).
+        views = self.core.views.rows(thetas)
+        size = len(views)
 
-        def member(theta: Tensor, *rest: Any) -> Any:
-            bufs = None if buffers is None else list(rest[:count])
-            return call(self.core, self.fn, rest[count:], self.kwargs, theta, bufs)
+        def member(*rest: Any) -> Any:
+            bufs = None if buffers is None else list(rest[size : size + count])
+            given = None if bufs is None else list(bufs)
+            out = call_bound(
+                self.core, rest[:size], bufs, self.fn, rest[size + count :], self.kwargs
+            )
+            if given is not None and bufs is not None:
+                write_back(given, bufs)
+            return out
 
-        in_dims = (0, *self.buffer_dims, *self.dims)
+        in_dims = (*(0,) * size, *self.buffer_dims, *self.dims)
         vmapped = torch.func.vmap(member, in_dims=in_dims, randomness="different")
-        return vmapped(thetas, *(buffers or ()), *self.args)
+        return vmapped(*views, *(buffers or ()), *self.args)
 
 
 def _auto(job: _Job, plans: dict[Any, str]) -> Any:

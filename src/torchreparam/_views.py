@@ -106,6 +106,15 @@ class ViewMaker:
             return _apply_unflatten(flat, self.refs)  # type: ignore[no-any-return,unused-ignore]
         return tuple(_unflatten(flat, self.refs))
 
+    def rows(self, flats: Tensor) -> tuple[Tensor, ...]:
+        """Views ``(population, *shape)`` of a ``(population, num_params)`` matrix, one per entry
+        (slices of its rows: ``view`` splits a contiguous last dimension, so no copy)."""
+        population = flats.shape[0]
+        return tuple(
+            chunk.view(population, *shape)
+            for chunk, shape in zip(flats.split(self.sizes, dim=1), self.shapes, strict=True)
+        )
+
     def traceable(self, flat: Tensor) -> tuple[Tensor, ...]:
         """``split`` + ``view``: the path every tracer and ``torch.func`` transform supports."""
         return tuple(
