@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -12,14 +11,14 @@ from torch import Tensor, nn
 
 from ._call import call, resolve
 from ._checks import (
-    StateDictMismatchError,
     check_buffers,
-    describe_state_dict_problems,
     same_device,
 )
-from ._inject import CORE_KEY, Core, bind, call_bound, install
+from ._classes import install
+from ._inject import CORE_KEY, Core, bind, call_bound
 from ._layout import FlatLayout, Include, aliases_of, select_parameters
 from ._population import Strategy, call_population, population_buffers
+from ._state_dict import as_wrapper_format, drop_managed_keys, end_flat_load
 from ._trace import Traced
 
 __all__ = ["ReparamModule"]
@@ -91,8 +90,8 @@ class ReparamModule(nn.Module):
         self.population_strategy = "auto"
         self._plans: dict[Any, str] = {}  # "auto"'s choice per population call signature
         install(self._core, module)
-        self.register_state_dict_post_hook(_drop_managed_keys)
-        self.register_load_state_dict_post_hook(_end_flat_load)
+        self.register_state_dict_post_hook(drop_managed_keys)
+        self.register_load_state_dict_post_hook(end_flat_load)
 
     # ---- the original surface -----------------------------------------------------------
     @property
@@ -282,71 +281,8 @@ class ReparamModule(nn.Module):
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
-        ours = self._as_wrapper_format(state_dict, strict)
+        ours = as_wrapper_format(self, state_dict, strict)
         return super().load_state_dict(ours, strict=strict, assign=assign)
-
-    def _as_wrapper_format(self, given: Mapping[str, Any], strict: bool) -> dict[str, Any]:
-        """``given`` in this wrapper's keys, after checking every key and shape."""
-        expected = self.state_dict(keep_vars=True)
-        wrapper_format = "flat_param" in given or all(k.startswith("module.") for k in given)
-        if wrapper_format:
-            ours, shown = dict(given), {k: k for k in given}
-            missing: list[str] = []
-            mismatched: list[str] = []
-        else:
-            ours, shown, missing, mismatched = self._from_module_format(given)
-        missing += [shown.get(k, k.removeprefix("module.")) for k in expected if k not in ours]
-        unexpected = [shown[k] for k in ours if k not in expected]
-        mismatched += [
-            f"{shown[k]}: shape {tuple(v.shape)} in the state dict, "
-            f"{tuple(expected[k].shape)} in the module"
-            for k, v in ours.items()
-            if k in expected and isinstance(v, Tensor) and v.shape != expected[k].shape
-        ]
-        if not strict:
-            missing, unexpected = [], []
-        if missing or unexpected or mismatched:
-            raise StateDictMismatchError(
-                "cannot load the state dict (nothing was changed): "
-                + describe_state_dict_problems(missing, unexpected, mismatched)
-            )
-        out: dict[str, Any] = OrderedDict(ours)
-        metadata = getattr(given, "_metadata", None)
-        if metadata is not None:  # per-module versions (BatchNorm reads them), re-keyed
-            out._metadata = OrderedDict(  # type: ignore[attr-defined]
-                (k if wrapper_format else f"module.{k}".rstrip("."), v) for k, v in metadata.items()
-            )
-        return out
-
-    def _from_module_format(
-        self, given: Mapping[str, Any]
-    ) -> tuple[dict[str, Any], dict[str, str], list[str], list[str]]:
-        """A state dict of the unwrapped module in this wrapper's keys, with its problems:
-        (state dict, wrapper key -> the user's key, missing keys, mismatched shapes)."""
-        layout = self._core.layout
-        ours = {"module." + k: v for k, v in given.items() if k not in layout}
-        shown = {"module." + k: k for k in given if k not in layout}
-        missing, mismatched = [], []
-        with torch.no_grad():
-            flat = self.flat_param.detach().clone()
-            for entry in layout:
-                names = [n for n in (entry.name, *entry.aliases) if n in given]
-                if not names:
-                    missing.append(entry.name)
-                    continue
-                value = given[names[0]]
-                if isinstance(value, Tensor) and tuple(value.shape) == entry.shape:
-                    flat[entry.slice] = value.reshape(-1)
-                else:
-                    found = (
-                        tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                    )
-                    mismatched.append(
-                        f"{names[0]}: shape {found} in the state dict, {entry.shape} in the module"
-                    )
-        ours["flat_param"] = flat
-        shown["flat_param"] = "flat_param"
-        return ours, shown, missing, mismatched
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         # Managed parameters come in through flat_param: their own keys are not expected.
@@ -405,18 +341,3 @@ def _buffer_dtype(module: nn.Module) -> torch.dtype:
 def _buffer_site(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     owner, _, local = name.rpartition(".")
     return root.get_submodule(owner), local
-
-
-def _drop_managed_keys(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
-) -> None:
-    """The wrapper's state dict holds ``flat_param``, not the views under their own keys."""
-    assert isinstance(module, ReparamModule)  # registered on ReparamModule only
-    layout = module._core.layout
-    for entry in layout:
-        for name in (entry.name, *entry.aliases):
-            state_dict.pop(f"{prefix}module.{name}", None)
-
-
-def _end_flat_load(module: nn.Module, incompatible_keys: Any) -> None:
-    module._core.loading_flat = False  # type: ignore[union-attr]

@@ -1,0 +1,99 @@
+"""The wrapper's state dicts: its own format (``flat_param`` + buffers) and the unwrapped
+module's (original keys), translated and checked as a whole before anything is loaded."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import StateDictMismatchError, describe_state_dict_problems
+from ._layout import FlatLayout
+
+__all__ = ["as_wrapper_format", "drop_managed_keys", "end_flat_load"]
+
+
+def _layout(wrapper: nn.Module) -> FlatLayout:
+    """The layout of a ReparamModule (typed here without importing it: no import cycle)."""
+    layout: FlatLayout = wrapper.__dict__["_core"].layout
+    return layout
+
+
+def as_wrapper_format(wrapper: nn.Module, given: Mapping[str, Any], strict: bool) -> dict[str, Any]:
+    """``given`` in this wrapper's keys, after checking every key and shape."""
+    expected = wrapper.state_dict(keep_vars=True)
+    wrapper_format = "flat_param" in given or all(k.startswith("module.") for k in given)
+    if wrapper_format:
+        ours, shown = dict(given), {k: k for k in given}
+        missing: list[str] = []
+        mismatched: list[str] = []
+    else:
+        ours, shown, missing, mismatched = _from_module_format(wrapper, given)
+    missing += [shown.get(k, k.removeprefix("module.")) for k in expected if k not in ours]
+    unexpected = [shown[k] for k in ours if k not in expected]
+    mismatched += [
+        f"{shown[k]}: shape {tuple(v.shape)} in the state dict, "
+        f"{tuple(expected[k].shape)} in the module"
+        for k, v in ours.items()
+        if k in expected and isinstance(v, Tensor) and v.shape != expected[k].shape
+    ]
+    if not strict:
+        missing, unexpected = [], []
+    if missing or unexpected or mismatched:
+        raise StateDictMismatchError(
+            "cannot load the state dict (nothing was changed): "
+            + describe_state_dict_problems(missing, unexpected, mismatched)
+        )
+    out: dict[str, Any] = OrderedDict(ours)
+    metadata = getattr(given, "_metadata", None)
+    if metadata is not None:  # per-module versions (BatchNorm reads them), re-keyed
+        out._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (k if wrapper_format else f"module.{k}".rstrip("."), v) for k, v in metadata.items()
+        )
+    return out
+
+
+def _from_module_format(
+    wrapper: nn.Module, given: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, str], list[str], list[str]]:
+    """A state dict of the unwrapped module in this wrapper's keys, with its problems:
+    (state dict, wrapper key -> the user's key, missing keys, mismatched shapes)."""
+    layout = _layout(wrapper)
+    ours = {"module." + k: v for k, v in given.items() if k not in layout}
+    shown = {"module." + k: k for k in given if k not in layout}
+    missing, mismatched = [], []
+    with torch.no_grad():
+        flat = wrapper.get_parameter("flat_param").detach().clone()
+        for entry in layout:
+            names = [n for n in (entry.name, *entry.aliases) if n in given]
+            if not names:
+                missing.append(entry.name)
+                continue
+            value = given[names[0]]
+            if isinstance(value, Tensor) and tuple(value.shape) == entry.shape:
+                flat[entry.slice] = value.reshape(-1)
+            else:
+                found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                mismatched.append(
+                    f"{names[0]}: shape {found} in the state dict, {entry.shape} in the module"
+                )
+    ours["flat_param"] = flat
+    shown["flat_param"] = "flat_param"
+    return ours, shown, missing, mismatched
+
+
+def drop_managed_keys(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """The wrapper's state dict holds ``flat_param``, not the views under their own keys."""
+    layout = _layout(module)
+    for entry in layout:
+        for name in (entry.name, *entry.aliases):
+            state_dict.pop(f"{prefix}module.{name}", None)
+
+
+def end_flat_load(module: nn.Module, incompatible_keys: Any) -> None:
+    module.__dict__["_core"].loading_flat = False
