@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODELS, KwModel, build, convbn, mlp, reference
+from conftest import MODELS, KwModel, assert_same_state, build, convbn, mlp, reference, snapshot
 from torch import nn
 
 from torchreparam import ReparamModule
@@ -227,3 +227,19 @@ def test_flat_param_is_a_leaf_on_the_parameters_device_and_dtype() -> None:
     assert r.flat_param.is_leaf
     assert r.flat_param.dtype == torch.float64
     assert r.flat_param.device == torch.device("cpu")
+
+
+def test_fresh_flat_param_draws_a_new_initialization_and_touches_nothing() -> None:
+    r, _, _ = build("convbn")
+    before = snapshot(r)
+    torch.manual_seed(1)
+    theta = r.fresh_flat_param()
+    assert_same_state(before, snapshot(r))  # own weights and buffers untouched
+    assert not theta.requires_grad
+    expected = convbn()  # the same draws, on a plain module
+    torch.manual_seed(1)
+    for module in expected.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    assert torch.equal(theta, torch.cat([p.reshape(-1) for p in expected.parameters()]))
+    assert not torch.equal(theta, r.flat_param)

@@ -205,6 +205,36 @@ class ReparamModule(nn.Module):
         out = self(*inputs, flat_param=flat_param, buffers=copies, in_dims=in_dims, **kwargs)
         return out, dict(zip(core.buffer_names, copies, strict=True))
 
+    def fresh_flat_param(self) -> Tensor:
+        """A newly initialized flat vector, drawn by the submodules' own ``reset_parameters()``.
+
+        The module's own weights and buffers are not touched (the initializers write into the
+        new vector and into copies of the buffers); parameters of modules without
+        ``reset_parameters`` keep their current values. For ensembles, evolution strategies and
+        fresh inner-loop starts.
+
+        Returns:
+            ``(param_numel,)``, not requiring grad.
+
+        Example:
+            >>> import torch
+            >>> from torchreparam import ReparamModule
+            >>> r = ReparamModule(torch.nn.Linear(3, 2))
+            >>> theta = r.fresh_flat_param()
+            >>> theta.shape, torch.equal(theta, r.flat_param)
+            (torch.Size([8]), False)
+        """
+        core = self._core
+        with torch.no_grad():
+            theta = self.flat_param.detach().clone()
+            copies = [b.clone() for b in core.own_buffers()]
+            with bind(core, core.views(theta), copies):
+                for module in self.module.modules():
+                    reset = getattr(module, "reset_parameters", None)
+                    if callable(reset):
+                        reset()
+        return theta
+
     @contextmanager
     def unflattened_param(self, flat_param: Tensor) -> Iterator[None]:
         """Within the block, calls of the module in this thread use ``flat_param``.
