@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
@@ -291,8 +291,6 @@ def test_populations_match_the_loop_of_single_calls(arch: Arch, data: st.DataObj
         ["loop", "auto"] if arch.recurrent else ["loop", "vmap", "auto"]
     )  # torch: no vmap rule for RNNs
     r.population_strategy = data.draw(st.sampled_from(strategies), label="strategy")
-    # a known core issue (tests/zoo.py EMPTY_LAYOUT_VMAP, pinned there): drop this when fixed
-    assume(not (r.param_numel == 0 and r.population_strategy == "vmap"))
     per_member = data.draw(st.booleans(), label="per-member inputs")
     batch = data.draw(st.integers(2, 3), label="batch")
     x = _inputs(arch, batch, seed=1, population=population if per_member else None)

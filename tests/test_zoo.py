@@ -129,7 +129,6 @@ def test_checkpoint_second_order() -> None:
     torch.testing.assert_close(hv, expected)
 
 
-@pytest.mark.xfail(strict=True, reason=zoo.BY_NAME["checkpoint"].xfail["input_grad"])
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
 @pytest.mark.parametrize("entry", CHECKPOINTS, ids=lambda e: e.name)
 def test_checkpoint_with_a_vector_that_needs_no_gradient(entry: zoo.Entry, frozen: bool) -> None:

@@ -247,29 +247,9 @@ def _ints(high: int, *shape: int) -> Callable[[], tuple[Tensor, ...]]:
     return lambda: (torch.randint(0, high, shape),)
 
 
-_CHECKPOINT_NO_GRAD = (
-    "core: the recomputation re-enters the caller's vector only when it requires grad; with one "
-    "that does not (gradients w.r.t. the inputs only), checkpoint recomputes with the module's "
-    "own weights: a wrong input gradient (silently with use_reentrant=True, or when flat_param "
-    "is frozen), gradient leaking into r.flat_param.grad, or a CheckpointError"
-)
-EMPTY_LAYOUT_VMAP = (
-    "core: (since ded142f) a population call by vmap of a module with an empty layout and "
-    "inputs shared by all members hands vmap no tensor to map over (the members' views are "
-    "empty tuples): ValueError 'vmap: Expected at least one Tensor to vmap over'"
-)
 _RNN_VMAP = "torch: no batching rule for the fused RNN kernels (aten::lstm, gru, rnn_tanh)"
 _COMPLEX_WARNING = "ignore:Complex modules are a new feature:UserWarning"
 _VMAP_FALLBACK = "ignore:There is a performance drop:UserWarning"  # torch: no batching rule
-_RNN_XFAIL = {
-    "threads": "core: RNNBase.forward stores the bound weights in self._flat_weights (module "
-    "state shared by all threads) and reads them back later: a concurrent call with another "
-    "vector makes it compute with that vector",
-    "no_trace": "core: after a call with theta (single or population), self._flat_weights keeps "
-    "views of theta (and its graph) until the next call",
-    "copy": "core: deepcopy of the wrapper fails: RNNBase.__getstate__ refreshes "
-    "_flat_weights with the views of flat_param, which are not graph leaves",
-}
 _OLD_HOOK_XFAIL = {
     "threads": "core: the old hook-based reparametrization's forward pre-hook writes the "
     "computed weight into module.__dict__ (shared by all threads); a concurrent call with "
@@ -311,7 +291,7 @@ ZOO: tuple[Entry, ...] = (
     Entry(
         "batchnorm_buffers_only", "`BatchNorm2d(affine=False)` (buffers only, empty `flat_param`)",
         lambda: nn.BatchNorm2d(3, affine=False), _randn(2, 3, 4, 4),
-        xfail={"population:vmap": EMPTY_LAYOUT_VMAP, "no_trace": EMPTY_LAYOUT_VMAP},
+
     ),
     Entry("layernorm", "`LayerNorm`", lambda: nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6)), _randn(4, 5)),
     Entry("layernorm_nobias", "`LayerNorm(bias=False)`", lambda: nn.LayerNorm(6, bias=False), _randn(4, 6)),
@@ -321,22 +301,22 @@ ZOO: tuple[Entry, ...] = (
         lambda: nn.InstanceNorm1d(4, affine=True, track_running_stats=True), _randn(3, 4, 6),
     ),
     # ---- recurrent ----------------------------------------------------------------------
-    Entry("rnn", "`RNN` (2 layers)", lambda: nn.RNN(3, 4, num_layers=2), _randn(5, 2, 3), vmap=_RNN_VMAP, pauses=(_pause_in_flatten_parameters,), xfail=_RNN_XFAIL),
+    Entry("rnn", "`RNN` (2 layers)", lambda: nn.RNN(3, 4, num_layers=2), _randn(5, 2, 3), vmap=_RNN_VMAP, pauses=(_pause_in_flatten_parameters,)),
     Entry(
         "lstm", "`LSTM` (2 layers, bidirectional)",
         lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True), _randn(5, 2, 3),
-        vmap=_RNN_VMAP, pauses=(_pause_in_flatten_parameters,), xfail=_RNN_XFAIL,
+        vmap=_RNN_VMAP, pauses=(_pause_in_flatten_parameters,),
     ),
     Entry(
         "lstm_proj", "`LSTM(proj_size=2, batch_first=True)`",
         lambda: nn.LSTM(3, 5, proj_size=2, batch_first=True), _randn(2, 5, 3),
         warnings=("ignore:LSTM with projections is not supported with oneDNN:UserWarning",),
-        vmap=_RNN_VMAP, pauses=(_pause_in_flatten_parameters,), xfail=_RNN_XFAIL,
+        vmap=_RNN_VMAP, pauses=(_pause_in_flatten_parameters,),
     ),
     Entry(
         "gru", "`GRU` (2 layers, bidirectional, `batch_first`)",
         lambda: nn.GRU(3, 4, num_layers=2, bidirectional=True, batch_first=True), _randn(2, 5, 3),
-        vmap=_RNN_VMAP, pauses=(_pause_in_flatten_parameters,), xfail=_RNN_XFAIL,
+        vmap=_RNN_VMAP, pauses=(_pause_in_flatten_parameters,),
     ),
     Entry("lstm_cell", "`LSTMCell`", lambda: nn.LSTMCell(3, 4), _randn(2, 3), vmap="torch: no batching rule for aten::lstm_cell"),
     # ---- attention ----------------------------------------------------------------------
@@ -434,7 +414,6 @@ ZOO: tuple[Entry, ...] = (
         "checkpoint", "`torch.utils.checkpoint(use_reentrant=False)` inside `forward`",
         lambda: Checkpointed(use_reentrant=False), _randn(4, 5),
         vmap="torch: the recomputation runs during backward, outside vmap (tensor escaped from vmap)",
-        xfail={"input_grad": _CHECKPOINT_NO_GRAD},
         functional_call="torch.func.functional_call gives the same wrong gradient (recomputation reads the module's own weights)",
     ),
     Entry(
@@ -442,7 +421,6 @@ ZOO: tuple[Entry, ...] = (
         lambda: Checkpointed(use_reentrant=True), _randn(4, 5),
         functional_call="torch.func.functional_call gives the same wrong gradient (recomputation reads the module's own weights)",
         vmap="torch: use_reentrant=True checkpoint is an autograd.Function without a vmap rule",
-        xfail={"input_grad": _CHECKPOINT_NO_GRAD},
     ),
     # ---- refused ------------------------------------------------------------------------
     Entry(

@@ -59,7 +59,9 @@ def call(
         # see flat_param as it is now, so nothing is bound up front (the getters read it).
         return fn(*args, **kwargs)
     params, bufs = resolve(core, flat_param, buffers)
-    guard = flat_param is not None and flat_param.requires_grad and torch.is_grad_enabled()
+    # A caller's vector while autograd records: checkpoint recomputation must see it too (also
+    # when only the inputs need gradients).
+    guard = flat_param is not None and torch.is_grad_enabled()
     if buffers is None or bufs is None:
         return call_bound(core, params, bufs, fn, args, kwargs, guard)
     given = list(bufs)

@@ -25,8 +25,12 @@ _CALL_CODE = call_bound.__code__  # where a binding is made: recomputation guard
 
 
 # key: (base class, param order as ((name, slot or None), ...), buffers as ((name, slot), ...),
-# whether the module is the root of the managed tree, whether it writes its weights in place)
-_Spec = tuple[type, tuple[tuple[str, int | None], ...], tuple[tuple[str, int], ...], bool, bool]
+# whether the module is the root of the managed tree, whether it writes its weights in place,
+# derived lists as ((attribute, (parameter name or None, ...)), ...))
+_Derived = tuple[tuple[str, tuple[str | None, ...]], ...]
+_Spec = tuple[
+    type, tuple[tuple[str, int | None], ...], tuple[tuple[str, int], ...], bool, bool, _Derived
+]
 _CLASSES: weakref.WeakValueDictionary[_Spec, type] = weakref.WeakValueDictionary()
 
 
@@ -84,6 +88,33 @@ def _buffer_property(name: str, slot: int) -> property:
     return property(fget, doc=f"{name}: the bound buffer, else the module's own")
 
 
+def _derived_lists(module: nn.Module) -> _Derived:
+    """Lists the module keeps of its own parameters (``nn.RNNBase._flat_weights``): plain
+    instance attributes that one call would fill with its vector, shared by every thread."""
+    names = {id(p): n for n, p in module._parameters.items() if p is not None}
+    found = []
+    for attr, value in vars(module).items():
+        holds_params = isinstance(value, list) and any(id(v) in names for v in value)
+        if holds_params and all(v is None or id(v) in names for v in value):
+            found.append((attr, tuple(None if v is None else names[id(v)] for v in value)))
+    return tuple(found)
+
+
+def _derived_property(attr: str, names: tuple[str | None, ...]) -> property:
+    """The list rebuilt from the parameters as this thread sees them, on every read; writes
+    are ignored (the module only ever stores the same derivation there)."""
+
+    def fget(module: nn.Module) -> list[Tensor | None]:
+        if "_parameters" not in module.__dict__[CORE_KEY].holder.__dict__:
+            return [None] * len(names)  # mid-unpickling: the wrapper is not filled in yet
+        return [None if name is None else getattr(module, name) for name in names]
+
+    def fset(module: nn.Module, value: object) -> None:
+        pass
+
+    return property(fget, fset, doc=f"{attr}: derived from the bound parameters")
+
+
 def _rebuild(spec: _Spec) -> nn.Module:
     """Unpickling: a bare instance of the generated class for ``spec``."""
     return object.__new__(managed_class(spec))
@@ -100,7 +131,7 @@ def managed_class(spec: _Spec) -> type:
 
 def _make_class(spec: _Spec) -> type:
     base: type[nn.Module]
-    base, order, buffers, is_root, writes = spec
+    base, order, buffers, is_root, writes, derived = spec
     managed = {name: slot for name, slot in order if slot is not None}
     buffer_slots = dict(buffers)
 
@@ -220,6 +251,7 @@ def _make_class(spec: _Spec) -> type:
     make = _writable_param_property if writes else _param_property
     namespace.update({name: make(name, slot) for name, slot in managed.items()})
     namespace.update({name: _buffer_property(name, slot) for name, slot in buffers})
+    namespace.update({attr: _derived_property(attr, names) for attr, names in derived})
     return type(base.__name__, (base,), namespace)
 
 
@@ -248,7 +280,8 @@ def install(core: Core, root: nn.Module) -> None:
             continue  # nothing to manage here (the root is always marked as managed)
         writes = any(predicate(module) for predicate in WRITES_WEIGHTS)
         core.writes = core.writes or writes
-        cls = managed_class((type(module), order, buffers, module is root, writes))
+        derived = _derived_lists(module)
+        cls = managed_class((type(module), order, buffers, module is root, writes, derived))
         for name, slot in order:
             if slot is None:
                 continue
@@ -258,5 +291,7 @@ def install(core: Core, root: nn.Module) -> None:
                     flat[entry.slice].copy_(module._parameters[name].reshape(-1))
                 filled.add(slot)
             del module._parameters[name]
+        for attr, _ in derived:  # the property computes it now; the stale list would shadow it
+            del module.__dict__[attr]
         module.__dict__[CORE_KEY] = core
         module.__class__ = cls

@@ -33,7 +33,8 @@ CORE_KEY = "_torchreparam_core"
 
 # A binding is ``(core, params, buffers, outer, guard)``: the tensors one call (or ``with``
 # block) puts into one module tree, linked to the binding it shadows; ``guard`` is set when the
-# params are a caller's vector that needs gradients (checkpoint recomputation must see them).
+# params are a caller's vector bound while autograd records (checkpoint recomputation must see
+# them).
 # Tuples: the getters read them on every attribute access; nothing is cheaper to build and index.
 _Binding = tuple  # (Core, tuple[Tensor, ...], list[Tensor] | None, _Binding | None, bool)
 

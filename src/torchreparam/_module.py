@@ -243,7 +243,7 @@ class ReparamModule(nn.Module):
             flat_param: ``(num_params,)``.
         """
         params, buffers = resolve(self._core, flat_param, None)
-        guard = flat_param.requires_grad and torch.is_grad_enabled()
+        guard = torch.is_grad_enabled()  # checkpoint recomputation must see flat_param too
         with bind(self._core, params, buffers, guard):
             yield
 

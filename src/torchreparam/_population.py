@@ -151,7 +151,7 @@ class _Job:
         views = self.core.views.rows(thetas)
         size = len(views)
 
-        def member(*rest: Any) -> Any:
+        def member(_row: Tensor, *rest: Any) -> Any:  # _row: one tensor to map over, always
             bufs = None if buffers is None else list(rest[size : size + count])
             given = None if bufs is None else list(bufs)
             out = call_bound(
@@ -161,9 +161,9 @@ class _Job:
                 write_back(given, bufs)
             return out
 
-        in_dims = (*(0,) * size, *self.buffer_dims, *self.dims)
+        in_dims = (0, *(0,) * size, *self.buffer_dims, *self.dims)
         vmapped = torch.func.vmap(member, in_dims=in_dims, randomness="different")
-        return vmapped(*views, *(buffers or ()), *self.args)
+        return vmapped(thetas, *views, *(buffers or ()), *self.args)
 
 
 def _auto(job: _Job, plans: dict[Any, str]) -> Any:
