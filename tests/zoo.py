@@ -250,13 +250,6 @@ def _ints(high: int, *shape: int) -> Callable[[], tuple[Tensor, ...]]:
 _RNN_VMAP = "torch: no batching rule for the fused RNN kernels (aten::lstm, gru, rnn_tanh)"
 _COMPLEX_WARNING = "ignore:Complex modules are a new feature:UserWarning"
 _VMAP_FALLBACK = "ignore:There is a performance drop:UserWarning"  # torch: no batching rule
-_OLD_HOOK_XFAIL = {
-    "threads": "core: the old hook-based reparametrization's forward pre-hook writes the "
-    "computed weight into module.__dict__ (shared by all threads); a concurrent call with "
-    "another vector overwrites it before the module reads it",
-    "no_trace": "core: module.weight keeps the weight computed from theta after the call (and, "
-    "after a vmap population call, a dead batched tensor that raises when read)",
-}
 ZOO: tuple[Entry, ...] = (
     # ---- dense layers -------------------------------------------------------------------
     Entry("linear", "`Linear`", lambda: nn.Linear(5, 3), _randn(4, 5)),
@@ -381,13 +374,16 @@ ZOO: tuple[Entry, ...] = (
     Entry(
         "old_weight_norm", "`nn.utils.weight_norm` (the old, hook-based one; deprecated by torch)",
         _quiet(lambda: nn.Sequential(nn.utils.weight_norm(nn.Linear(5, 4)), nn.Tanh(), nn.Linear(4, 3))), _randn(4, 5),
-        xfail=_OLD_HOOK_XFAIL, warnings=(_VMAP_FALLBACK,),
-        notes="torch cannot deep-copy such a module (wrapped or not): it keeps a non-leaf tensor",
+        status="refused", error=ValueError,
+        message="its submodule '0' uses the old hook-based torch.nn.utils.weight_norm, which stores the weight it computes on the module at every call",
+        notes="its pre-forward hook stores the computed weight on the module at every call (not per thread); use torch.nn.utils.parametrizations.weight_norm",
     ),
     Entry(
         "old_spectral_norm", "`nn.utils.spectral_norm` (the old, hook-based one)",
         _quiet(lambda: nn.Sequential(nn.utils.spectral_norm(nn.Linear(5, 4)), nn.Tanh(), nn.Linear(4, 3))), _randn(4, 5),
-        xfail=_OLD_HOOK_XFAIL,
+        status="refused", error=ValueError,
+        message="its submodule '0' uses the old hook-based torch.nn.utils.spectral_norm",
+        notes="as the old weight_norm; use torch.nn.utils.parametrizations.spectral_norm",
     ),
     # ---- structure ----------------------------------------------------------------------
     Entry("tied", "Tied weights (embedding and output projection, GPT-2 style)", Tied, _ints(10, 4, 3)),

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ._call import call, resolve
 from ._checks import (
@@ -340,11 +342,26 @@ def _check_wrappable(module: object) -> None:
                 f"{where} is a ReparamModule; wrap the whole unwrapped model once instead "
                 "(a ReparamModule's .module is its unwrapped model)"
             )
+        old = [h for h in sub._forward_pre_hooks.values() if isinstance(h, _OLD_REPARAM_HOOKS)]
+        if old:
+            kind = type(old[0]).__name__
+            raise ValueError(
+                f"{where} uses the old hook-based torch.nn.utils.{_OLD_HOOK_NAMES[kind]}, which "
+                "stores the weight it computes on the module at every call: with different "
+                "vectors in several threads (or under vmap) one call would read another's. "
+                "Register torch.nn.utils.parametrizations."
+                f"{_OLD_HOOK_NAMES[kind]} instead (the same computation) before wrapping"
+            )
         if CORE_KEY in sub.__dict__:
             raise ValueError(
                 f"{where} is already managed by a ReparamModule; wrap the whole model once, "
                 "or keep using the existing wrapper"
             )
+
+
+# The old reparametrizations, replaced in torch by torch.nn.utils.parametrizations.
+_OLD_REPARAM_HOOKS = (WeightNorm, SpectralNorm)
+_OLD_HOOK_NAMES = {"WeightNorm": "weight_norm", "SpectralNorm": "spectral_norm"}
 
 
 def _common_requires_grad(selected: Mapping[str, nn.Parameter]) -> bool:
