@@ -19,20 +19,18 @@ from torchreparam import FlatLayout, LayoutEntry, ReparamModule, StateDictMismat
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from torchreparam import _checkpoint  # noqa: E402
+from torchreparam import _files  # noqa: E402
 from torchreparam._checkpoint import (  # noqa: E402
     from_state_dict,
-    layout_from_json,
-    layout_to_json,
     load_checkpoint,
     load_flat,
-    load_trajectory,
     save_checkpoint,
     save_flat,
-    save_trajectory,
     to_module_state_dict,
     to_wrapper_state_dict,
 )
+from torchreparam._files import layout_from_json, layout_to_json  # noqa: E402
+from torchreparam._trajectory import load_trajectory, save_trajectory  # noqa: E402
 
 NAMES = ["mlp", "convbn", "tied"]
 
@@ -404,12 +402,27 @@ def test_bad_arguments_raise_before_anything_is_written(tmp_path: Path) -> None:
 
 
 def test_a_missing_safetensors_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_checkpoint, "_SAFETENSORS_ERROR", ImportError("No module named 'x'"))
-    layout = FlatLayout.from_module(mlp())
-    with pytest.raises(ImportError, match=re.escape("pip install safetensors")):
-        save_flat(tmp_path / "f.safetensors", torch.zeros(layout.numel), layout)
-    with pytest.raises(ImportError, match=re.escape("torchreparam[checkpoint]")):
-        load_flat(tmp_path / "f.safetensors")
+    r = ReparamModule(mlp())
+    layout, flat = r.layout, r.flat_param.detach()
+    path = tmp_path / "f.safetensors"
+    save_flat(path, flat, layout)
+    before = path.read_bytes()
+    monkeypatch.setattr(_files, "_SAFETENSORS_ERROR", ImportError("No module named 'x'"))
+    calls = [  # every function that reads or writes a file
+        lambda: save_flat(path, flat, layout),
+        lambda: load_flat(path),
+        lambda: save_checkpoint(path, r),
+        lambda: load_checkpoint(path, r),
+        lambda: save_trajectory(path, [flat], layout),
+        lambda: load_trajectory(path),
+    ]
+    for call in calls:
+        with pytest.raises(ImportError, match=re.escape("pip install safetensors")) as info:
+            call()
+        assert "torchreparam[checkpoint]" in str(info.value)
+        assert isinstance(info.value.__cause__, ImportError)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.safetensors"]
 
 
 def test_layout_json_round_trips_and_refuses_garbage() -> None:

@@ -10,25 +10,22 @@ Example:
 
 from ._checkpoint import (
     FlatCheckpoint,
-    Trajectory,
     from_state_dict,
-    layout_from_json,
-    layout_to_json,
     load_checkpoint,
     load_flat,
-    load_trajectory,
     save_checkpoint,
     save_flat,
-    save_trajectory,
     to_module_state_dict,
     to_wrapper_state_dict,
 )
 from ._checks import StateDictMismatchError
 from ._derivatives import gnvp, hessian, hvp, jacobian, per_example_grads
 from ._distributed import evaluate_population
+from ._files import layout_from_json, layout_to_json
 from ._inner import AdamState, SGDState, adam, sgd
 from ._layout import FlatLayout, LayoutEntry
 from ._module import ReparamModule
+from ._trajectory import Trajectory, load_trajectory, save_trajectory
 
 __all__ = [
     "AdamState",

@@ -10,8 +10,9 @@ from torch import Tensor, nn
 
 from ._checks import check_buffers, check_flat_param
 from ._inject import Core, call_bound, innermost
+from ._transaction import learn, rollback, snapshot
 
-__all__ = ["call", "resolve", "write_back"]
+__all__ = ["call", "resolve", "transactional", "write_back"]
 
 _PLAIN = (Tensor, nn.Parameter)
 
@@ -53,20 +54,45 @@ def call(
     flat_param: Tensor | None = None,
     buffers: Any = None,
 ) -> Any:
-    """``fn(*args, **kwargs)`` with the tree of ``core`` seeing ``flat_param``/``buffers``."""
+    """``fn(*args, **kwargs)`` with the tree of ``core`` seeing ``flat_param``/``buffers``.
+
+    If the call raises, the module's own buffers are put back as they were (train mode).
+    """
     if flat_param is None and buffers is None and core.writes and innermost(core) is None:
         # The module's own weights, written in place by some module mid-call: every read must
         # see flat_param as it is now, so nothing is bound up front (the getters read it).
-        return fn(*args, **kwargs)
+        return transactional(core, fn, args, kwargs)
     params, bufs = resolve(core, flat_param, buffers)
+    if bufs is None:  # the module's own buffers: undone if the call raises
+        return transactional(
+            core, call_bound, (core, params, bufs, fn, args, kwargs, _guard(flat_param)), {}
+        )
+    given = list(bufs)
+    out = call_bound(core, params, bufs, fn, args, kwargs, _guard(flat_param))
+    if buffers is not None:
+        write_back(given, bufs)
+    return out
+
+
+def _guard(flat_param: Tensor | None) -> bool:
     # A caller's vector while autograd records: checkpoint recomputation must see it too (also
     # when only the inputs need gradients).
-    guard = flat_param is not None and torch.is_grad_enabled()
-    if buffers is None or bufs is None:
-        return call_bound(core, params, bufs, fn, args, kwargs, guard)
-    given = list(bufs)
-    out = call_bound(core, params, bufs, fn, args, kwargs, guard)
-    write_back(given, bufs)
+    return flat_param is not None and torch.is_grad_enabled()
+
+
+def transactional(
+    core: Core, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``fn(*args, **kwargs)``; if it raises, the module's own buffers are put back."""
+    snap = snapshot(core)
+    if snap is None:
+        return fn(*args, **kwargs)
+    try:
+        out = fn(*args, **kwargs)
+    except BaseException:
+        rollback(snap)
+        raise
+    learn(snap)
     return out
 
 

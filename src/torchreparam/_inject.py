@@ -75,6 +75,7 @@ class Core:
         self.loading_flat = False  # a wrapper-format state dict is being loaded
         self.applying = False  # the holder's _apply is converting the whole tree
         self.writes = False  # a module of the tree writes its weights in place (WRITES_WEIGHTS)
+        self.mutable_buffers: set[int] | None = None  # buffers calls were seen to change
         self._cache: tuple[Tensor, tuple[int, int, bool], tuple[Tensor, ...]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from ._classes import install
 from ._inject import CORE_KEY, Core, bind, call_bound
 from ._layout import FlatLayout, Include, aliases_of, select_parameters
 from ._population import Strategy, call_population, population_buffers
-from ._state_dict import as_wrapper_format, drop_managed_keys, end_flat_load
+from ._state_dict import as_wrapper_format, drop_managed_keys, end_flat_load, restore, snapshot
 from ._trace import Traced
 
 __all__ = ["ReparamModule"]
@@ -295,7 +295,9 @@ class ReparamModule(nn.Module):
         """Load the wrapper's own state dict, or one of the unwrapped module (original keys).
 
         Everything is checked before anything is copied: a mismatch raises
-        :class:`StateDictMismatchError` listing every problem, and changes nothing.
+        :class:`StateDictMismatchError` listing every problem, and changes nothing. Should
+        loading still fail past the checks (a load hook raising, say), the state is restored
+        from a copy taken beforehand (so loading holds the state twice at its peak).
 
         Args:
             state_dict: ``{"flat_param": ..., "module.<buffer>": ...}`` as ``state_dict()``
@@ -314,7 +316,12 @@ class ReparamModule(nn.Module):
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
         ours = as_wrapper_format(self, state_dict, strict)
-        return super().load_state_dict(ours, strict=strict, assign=assign)
+        saved = snapshot(self)  # a copy of the state, for a failure past the checks (a hook)
+        try:
+            return super().load_state_dict(ours, strict=strict, assign=assign)
+        except BaseException:
+            restore(self, saved)
+            raise
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         # Managed parameters come in through flat_param: their own keys are not expected.

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._call import call, write_back
+from ._call import call, transactional, write_back
 from ._checks import check_buffers, check_flat_param, check_in_dims
 from ._inject import Core, call_bound
 
@@ -85,11 +85,17 @@ def call_population(
     job = _Job(core, fn, args, kwargs, thetas, bound, dims, buffer_dims)
     if strategy == "auto" and torch.compiler.is_compiling():
         strategy = "vmap"  # timing cannot be traced; in a graph the batched call is the one
+    run = _dispatch(job, strategy, may_vmap, plans if plans is not None else {})
+    # members sharing the module's own buffers: a raise in member k undoes members 0..k-1 too
+    return transactional(core, run, (), {}) if bound is None else run()
+
+
+def _dispatch(job: _Job, strategy: str, may_vmap: bool, plans: dict[Any, str]) -> Callable[[], Any]:
     if strategy == "loop" or not may_vmap:
-        return job.loop()
+        return job.loop
     if strategy == "vmap":
-        return job.vmap()
-    return _auto(job, plans if plans is not None else {})
+        return job.vmap
+    return lambda: _auto(job, plans)
 
 
 def _vmap_is_exact(core: Core, bound: list[Tensor] | None, dims: tuple[int | None, ...]) -> bool:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ._checks import StateDictMismatchError, describe_state_dict_problems
 from ._layout import FlatLayout
 
-__all__ = ["as_wrapper_format", "drop_managed_keys", "end_flat_load"]
+__all__ = ["as_wrapper_format", "drop_managed_keys", "end_flat_load", "restore", "snapshot"]
 
 
 def _layout(wrapper: nn.Module) -> FlatLayout:
@@ -39,6 +39,16 @@ def as_wrapper_format(wrapper: nn.Module, given: Mapping[str, Any], strict: bool
         f"{tuple(expected[k].shape)} in the module"
         for k, v in ours.items()
         if k in expected and isinstance(v, Tensor) and v.shape != expected[k].shape
+    ]
+    mismatched += [
+        f"{shown[k]}: a {type(v).__name__} in the state dict, a tensor is needed"
+        for k, v in ours.items()
+        if k in expected and not isinstance(v, Tensor)
+    ]
+    mismatched += [
+        f"{shown[k]}: a meta tensor (no data) in the state dict"
+        for k, v in ours.items()
+        if k in expected and isinstance(v, Tensor) and v.is_meta and not expected[k].is_meta
     ]
     if not strict:
         missing, unexpected = [], []
@@ -97,3 +107,22 @@ def drop_managed_keys(
 
 def end_flat_load(module: nn.Module, incompatible_keys: Any) -> None:
     module.__dict__["_core"].loading_flat = False
+
+
+def snapshot(wrapper: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every entry of the wrapper's state: ``{key: (the tensor object, a copy of its values)}``."""
+    with torch.no_grad():
+        return {k: (v, v.detach().clone()) for k, v in wrapper.state_dict(keep_vars=True).items()}
+
+
+def restore(wrapper: nn.Module, saved: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Put back what :func:`snapshot` saw: the same tensor objects, holding the same values."""
+    with torch.no_grad():
+        for key, (tensor, values) in saved.items():
+            owner, _, name = key.rpartition(".")
+            module = wrapper.get_submodule(owner)
+            if name in module._parameters:  # assign=True may have put another object there
+                module._parameters[name] = tensor  # type: ignore[assignment]
+            else:
+                module._buffers[name] = tensor
+            tensor.copy_(values)
