@@ -15,6 +15,7 @@ from ._transaction import learn, rollback, snapshot
 __all__ = ["call", "resolve", "transactional", "write_back"]
 
 _PLAIN = (Tensor, nn.Parameter)
+_grad_enabled = torch.is_grad_enabled
 
 
 def resolve(
@@ -29,7 +30,8 @@ def resolve(
     if flat_param is None:
         params = outer[1] if outer is not None else core.own_views()
     else:
-        ref = core.flat()
+        ref = core.holder._parameters["flat_param"]
+        assert ref is not None  # registered by the wrapper
         ok = (
             type(flat_param) in _PLAIN
             and flat_param.shape == ref.shape
@@ -63,21 +65,18 @@ def call(
         # see flat_param as it is now, so nothing is bound up front (the getters read it).
         return transactional(core, fn, args, kwargs)
     params, bufs = resolve(core, flat_param, buffers)
+    # A caller's vector while autograd records: checkpoint recomputation must see it too (also
+    # when only the inputs need gradients).
+    guard = flat_param is not None and _grad_enabled()
     if bufs is None:  # the module's own buffers: undone if the call raises
-        return transactional(
-            core, call_bound, (core, params, bufs, fn, args, kwargs, _guard(flat_param)), {}
-        )
+        if not core.buffer_sites:
+            return call_bound(core, params, None, fn, args, kwargs, guard)
+        return transactional(core, call_bound, (core, params, None, fn, args, kwargs, guard), {})
     given = list(bufs)
-    out = call_bound(core, params, bufs, fn, args, kwargs, _guard(flat_param))
+    out = call_bound(core, params, bufs, fn, args, kwargs, guard)
     if buffers is not None:
         write_back(given, bufs)
     return out
-
-
-def _guard(flat_param: Tensor | None) -> bool:
-    # A caller's vector while autograd records: checkpoint recomputation must see it too (also
-    # when only the inputs need gradients).
-    return flat_param is not None and torch.is_grad_enabled()
 
 
 def transactional(

@@ -26,7 +26,8 @@ _flatten = torch._C._nn.flatten_dense_tensors  # one C++ cat of the reshaped gra
 _below_view_tracking = torch._C._AutoDispatchBelowADInplaceOrView
 _functorch_active = torch._C._are_functorch_transforms_active
 _is_tracing = torch._C._is_tracing
-_is_compiling = torch.compiler.is_compiling  # dynamo and export
+# dynamo (export's non-strict tracing hands in tensor subclasses: the type check sends them on)
+_is_compiling = torch.compiler.is_dynamo_compiling
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
@@ -96,7 +97,13 @@ class ViewMaker:
 
     def __call__(self, flat: Tensor) -> tuple[Tensor, ...]:
         """Views of ``flat`` (shape ``(num_params,)``), differentiable w.r.t. ``flat``."""
-        if not self.fast_path_ok(flat):
+        if (  # fast_path_ok, inlined: this runs on every call with a vector
+            type(flat) not in _PLAIN
+            or self.always_traceable
+            or _is_compiling()
+            or _is_tracing()
+            or _functorch_active()
+        ):
             return self.traceable(flat)
         if not torch.is_grad_enabled():
             # No graph is recorded, so autograd's view bookkeeping buys nothing here.
