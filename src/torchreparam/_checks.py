@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -176,13 +177,22 @@ def describe_state_dict_problems(
     return "; ".join(parts)
 
 
+def one_of(tensors: Mapping[str, Tensor], attribute: str, must: str, fix: str) -> Any:
+    """The one value of ``attribute`` (``"dtype"``, ``"device"``) all ``tensors`` share, or
+    ``None`` when there are none; raise, listing each tensor's, if they differ."""
+    values = sorted({str(getattr(t, attribute)) for t in tensors.values()})
+    if len(values) > 1:
+        listing = ", ".join(f"{n}: {getattr(t, attribute)}" for n, t in tensors.items())
+        raise ValueError(
+            f"parameters must {must} to live in one flat vector, got {values} ({listing}); "
+            f"{fix} or choose a subset with include="
+        )
+    return getattr(next(iter(tensors.values())), attribute) if tensors else None
+
+
 def same_device(tensors: Mapping[str, Tensor]) -> torch.device | None:
     """The one device all ``tensors`` are on; raise if they are on several."""
-    devices = sorted({str(t.device) for t in tensors.values()})
-    if len(devices) > 1:
-        listing = ", ".join(f"{n}: {t.device}" for n, t in tensors.items())
-        raise ValueError(
-            f"parameters must be on one device to live in one flat vector, got {devices} "
-            f"({listing}); move the module with .to(device) or choose a subset with include="
-        )
-    return next(iter(tensors.values())).device if tensors else None
+    device: torch.device | None = one_of(
+        tensors, "device", "be on one device", "move the module with .to(device)"
+    )
+    return device

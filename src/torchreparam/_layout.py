@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ._checks import one_of
+
 __all__ = ["FlatLayout", "LayoutEntry", "Include"]
 
 Include = Literal["all", "trainable"] | Callable[[str, nn.Parameter], bool] | None
@@ -127,14 +129,8 @@ class FlatLayout:
         aliases: Mapping[str, tuple[str, ...]] | None = None,
     ) -> FlatLayout:
         """The layout that packs ``tensors`` (name -> tensor, in order) back to back."""
-        dtypes = sorted({str(t.dtype) for t in tensors.values()})
-        if len(dtypes) > 1:
-            listing = ", ".join(f"{n}: {t.dtype}" for n, t in tensors.items())
-            raise ValueError(
-                f"parameters must share one dtype to live in one flat vector, got {dtypes} "
-                f"({listing}); convert the module with .to(dtype) or choose a subset with include="
-            )
-        dtype = next(iter(tensors.values())).dtype if tensors else torch.get_default_dtype()
+        common = one_of(tensors, "dtype", "share one dtype", "convert the module with .to(dtype)")
+        dtype: torch.dtype = common if common is not None else torch.get_default_dtype()
         entries, offset = [], 0
         for name, tensor in tensors.items():
             extra = tuple((aliases or {}).get(name, ()))
