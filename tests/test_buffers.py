@@ -179,3 +179,22 @@ def test_gradcheck_through_batchnorm_in_train_mode() -> None:
     assert torch.autograd.gradcheck(f, (theta,))
     assert torch.autograd.gradgradcheck(f, (theta,))
     assert r.module[1].num_batches_tracked.item() == 0
+
+
+def test_a_call_that_raises_restores_running_statistics_also_after_successful_calls() -> None:
+    r, _, x = _bn_net()
+    r(x)  # successful calls first (the statistics move, as plain)
+    r.eval()
+    r(x)
+    r.train()  # and a mode switch
+    before = snapshot(r)
+    handle = r.module[3].register_forward_pre_hook(_raise)
+    with pytest.raises(KeyError):
+        r(x)
+    handle.remove()
+    after = snapshot(r)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _raise(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    raise KeyError("after BatchNorm ran")

@@ -6,46 +6,59 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._checks import check_buffers, check_flat_param
 from ._inject import Core, call_bound, innermost
-from ._transaction import learn, rollback, snapshot
+from ._transaction import rollback, snapshot
+from ._views import PLAIN
 
 __all__ = ["call", "resolve", "transactional", "write_back"]
 
-_PLAIN = (Tensor, nn.Parameter)
 _grad_enabled = torch.is_grad_enabled
 
 
 def resolve(
-    core: Core, flat_param: Tensor | None, buffers: Any
-) -> tuple[tuple[Tensor, ...], list[Tensor] | None]:
-    """Validate ``flat_param`` (1-D) and ``buffers``, and return the tensors to bind.
+    core: Core, flat_param: Tensor | None, buffers: Any, *, lazy_own: bool = False
+) -> tuple[tuple[Tensor, ...] | None, list[Tensor] | None, bool]:
+    """Validate ``flat_param`` (one vector) and ``buffers``; return what to bind and whether
+    checkpoint recomputation must be guarded (a caller's vector while autograd records).
 
     ``None`` means "what is in effect now": the innermost binding's tensors in this thread,
-    else the module's own. Raises before anything is touched.
+    else the module's own; with ``lazy_own``, the module's own params are bound as ``None``
+    (read from ``flat_param`` at each access: a ``with`` block may span optimizer steps).
+    Raises before anything is touched.
     """
     outer = innermost(core) if flat_param is None or buffers is None else None
     if flat_param is None:
-        params = outer[1] if outer is not None else core.own_views()
+        if outer is not None:
+            params, guard = outer[1], outer[4]
+        else:
+            params, guard = (None if lazy_own else core.own_views()), False
     else:
         ref = core.holder._parameters["flat_param"]
         assert ref is not None  # registered by the wrapper
         ok = (
-            type(flat_param) in _PLAIN
+            type(flat_param) in PLAIN
             and flat_param.shape == ref.shape
             and flat_param.dtype == ref.dtype
             and flat_param.device == ref.device
         )
         if not ok:
             check_flat_param(flat_param, core.layout.numel, ref)
+            if flat_param.dim() != 1:
+                raise ValueError(
+                    f"flat_param has shape {tuple(flat_param.shape)}, but this call takes one "
+                    f"vector ({core.layout.numel},); for a population, call the wrapper itself "
+                    "with flat_param of shape (population, num_params)"
+                )
         params = core.views(flat_param)
+        guard = _grad_enabled()
     if buffers is None:
         bufs = outer[2] if outer is not None else None
     else:
         bufs = check_buffers(buffers, core.buffer_names, core.own_buffers())
-    return params, bufs
+    return params, bufs, guard
 
 
 def call(
@@ -55,21 +68,20 @@ def call(
     kwargs: dict[str, Any],
     flat_param: Tensor | None = None,
     buffers: Any = None,
+    atomic: bool = True,
 ) -> Any:
     """``fn(*args, **kwargs)`` with the tree of ``core`` seeing ``flat_param``/``buffers``.
 
-    If the call raises, the module's own buffers are put back as they were (train mode).
+    If the call raises, the module's own buffers are put back as they were (train mode);
+    ``atomic=False`` when an enclosing call already guarantees that (a population's members).
     """
     if flat_param is None and buffers is None and core.writes and innermost(core) is None:
         # The module's own weights, written in place by some module mid-call: every read must
         # see flat_param as it is now, so nothing is bound up front (the getters read it).
         return transactional(core, fn, args, kwargs)
-    params, bufs = resolve(core, flat_param, buffers)
-    # A caller's vector while autograd records: checkpoint recomputation must see it too (also
-    # when only the inputs need gradients).
-    guard = flat_param is not None and _grad_enabled()
+    params, bufs, guard = resolve(core, flat_param, buffers)
     if bufs is None:  # the module's own buffers: undone if the call raises
-        if not core.buffer_sites:
+        if not core.buffer_sites or not atomic:
             return call_bound(core, params, None, fn, args, kwargs, guard)
         return transactional(core, call_bound, (core, params, None, fn, args, kwargs, guard), {})
     given = list(bufs)
@@ -91,7 +103,6 @@ def transactional(
     except BaseException:
         rollback(snap)
         raise
-    learn(snap)
     return out
 
 

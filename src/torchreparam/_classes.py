@@ -16,7 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._inject import CORE_KEY, Core, _active, _is_dynamo, call_bound, innermost, run_in
+from ._inject import (
+    CORE_KEY,
+    Core,
+    Writable,
+    _active,
+    _is_dynamo,
+    call_bound,
+    innermost,
+    run_in,
+)
 from ._recompute import guard_recomputation
 
 __all__ = ["WRITES_WEIGHTS", "install", "managed_class"]
@@ -39,13 +48,15 @@ def _param_property(name: str, slot: int) -> property:
         core: Core = module.__dict__[CORE_KEY]
         if _is_dynamo():
             compiled = core.compiled
-            return compiled[0][slot] if compiled is not None else core.own_views()[slot]
+            bound = None if compiled is None else compiled[0]
+            return bound[slot] if bound is not None else core.own_views()[slot]
         chain = binding = _active()  # the hot path: inlined innermost(core)
         while binding is not None:
             if binding[0] is core:
-                if binding[4]:  # a caller's vector that needs gradients
+                if binding[4]:  # a caller's vector while autograd records
                     guard_recomputation(chain, run_in, _CALL_CODE)
-                return binding[1][slot]
+                params = binding[1]  # None: the module's own, as they are now
+                return params[slot] if params is not None else core.own_views()[slot]
             binding = binding[3]
         return core.own_views()[slot]
 
@@ -60,11 +71,15 @@ def _writable_param_property(name: str, slot: int) -> property:
         core: Core = module.__dict__[CORE_KEY]
         if _is_dynamo():
             compiled = core.compiled
-            return compiled[0][slot] if compiled is not None else core.own_views()[slot]
+            bound = None if compiled is None else compiled[0]
+            return bound[slot] if bound is not None else core.own_views()[slot]
         binding = innermost(core)
-        if binding is None or binding[1] is core.cached_views():
+        params = None if binding is None else binding[1]
+        if params is None or params is core.cached_views():
             return core.writable_view(slot)  # the module's own: written in place, as plain
-        return binding[1][slot].clone()  # a caller's vector is never written
+        if type(params) is Writable:
+            return params[slot]  # a vector torchreparam made for itself
+        return params[slot].clone()  # a caller's vector is never written
 
     fget.__name__ = name
     return property(fget, doc=f"{name}: the bound weights (a copy for a caller's vector)")
@@ -182,23 +197,22 @@ def _make_class(spec: _Spec) -> type:
         base._load_from_state_dict(
             self, others, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        own = core.own_views()
+        flat = core.flat().detach()  # copied into directly: no views to rebuild per key
         for key, slot in keys.items():
             if key not in state_dict:
                 if strict and not core.loading_flat:
                     missing_keys.append(key)
                 continue
-            value = state_dict[key]
-            if not isinstance(value, Tensor) or value.shape != own[slot].shape:
+            value, entry = state_dict[key], core.layout.entries[slot]
+            if not isinstance(value, Tensor) or tuple(value.shape) != entry.shape:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 error_msgs.append(
                     f"size mismatch for {key}: copying a param with shape {shape} from "
-                    f"checkpoint, the shape in current model is {tuple(own[slot].shape)}."
+                    f"checkpoint, the shape in current model is {entry.shape}."
                 )
                 continue
             with torch.no_grad():
-                own[slot].copy_(value)
-            own = core.own_views()  # the copy bumped flat_param's version
+                flat[entry.slice].copy_(value.reshape(-1))
 
     def _apply(self: nn.Module, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
         # ``module.double()`` on the unwrapped root converts flat_param too (it holds the data).
@@ -268,6 +282,9 @@ def install(core: Core, root: nn.Module) -> None:
     filled: set[int] = set()
     buffer_slots = {id(m._buffers[n]): i for i, (m, n) in enumerate(core.buffer_sites)}
     index = {name: i for i, e in enumerate(core.layout.entries) for name in (e.name, *e.aliases)}
+    # First every class (which may fail, for an exotic class), then every change to the modules
+    # (which cannot): a failure leaves the user's model as it was.
+    plan = []
     for prefix, module in root.named_modules(remove_duplicate=True, prefix=""):
         dot = f"{prefix}." if prefix else ""
         order = tuple(
@@ -279,9 +296,11 @@ def install(core: Core, root: nn.Module) -> None:
         if module is not root and not buffers and all(slot is None for _, slot in order):
             continue  # nothing to manage here (the root is always marked as managed)
         writes = any(predicate(module) for predicate in WRITES_WEIGHTS)
-        core.writes = core.writes or writes
         derived = _derived_lists(module)
         cls = managed_class((type(module), order, buffers, module is root, writes, derived))
+        plan.append((module, cls, order, derived, writes))
+    for module, cls, order, derived, writes in plan:
+        core.writes = core.writes or writes
         for name, slot in order:
             if slot is None:
                 continue

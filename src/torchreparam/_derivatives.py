@@ -27,7 +27,9 @@ def _leaf(flat_param: Tensor, create_graph: bool) -> Tensor:
         raise ValueError(
             f"flat_param must be a 1-D tensor (num_params,), got {_describe(flat_param)}"
         )
-    return flat_param if create_graph else flat_param.detach().requires_grad_()
+    if create_graph and flat_param.requires_grad:
+        return flat_param  # differentiable w.r.t. the caller's graph
+    return flat_param.detach().requires_grad_()
 
 
 def _check_vectors(vectors: Tensor, numel: int) -> bool:
@@ -127,7 +129,7 @@ def hessian(
     Raises:
         ValueError: ``flat_param`` has more than ``max_params`` elements.
     """
-    n = flat_param.numel()
+    n = _leaf(flat_param, False).numel()  # (checks flat_param)
     if n > max_params:
         mib = n * n * flat_param.element_size() / 2**20
         size = f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.1f} MiB"

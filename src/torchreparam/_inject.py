@@ -15,6 +15,7 @@ instead (the compiled graph takes the tensors as inputs, so it needs no per-thre
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,7 +27,7 @@ from ._checks import is_dtensor
 from ._layout import FlatLayout
 from ._views import ViewMaker
 
-__all__ = ["CORE_KEY", "Core", "bind", "call_bound", "innermost", "run_in"]
+__all__ = ["CORE_KEY", "Core", "Writable", "bind", "call_bound", "innermost", "run_in"]
 
 CORE_KEY = "_torchreparam_core"
 
@@ -43,6 +44,13 @@ _ACTIVE: contextvars.ContextVar[_Binding | None] = contextvars.ContextVar(
 )
 _active = _ACTIVE.get
 _is_dynamo = torch.compiler.is_dynamo_compiling  # ContextVar is opaque to dynamo: avoid it there
+
+
+class Writable(tuple):
+    """Bound views of a vector torchreparam made for itself (``fresh_flat_param``): modules
+    that write their weights in place may write into them (a caller's vector is copied)."""
+
+    __slots__ = ()
 
 
 def innermost(core: Core) -> _Binding | None:
@@ -71,11 +79,10 @@ class Core:
         # buffers in module.buffers() order: full name -> (owning module, local name)
         self.buffer_names = tuple(buffer_sites)
         self.buffer_sites = tuple(buffer_sites.values())
-        self.compiled: tuple[tuple[Tensor, ...], list[Tensor] | None] | None = None
+        self.compiled: tuple[tuple[Tensor, ...] | None, list[Tensor] | None] | None = None
         self.loading_flat = False  # a wrapper-format state dict is being loaded
         self.applying = False  # the holder's _apply is converting the whole tree
         self.writes = False  # a module of the tree writes its weights in place (WRITES_WEIGHTS)
-        self.mutable_buffers: set[int] | None = None  # buffers calls were seen to change
         self._cache: tuple[Tensor, tuple[int, int, bool], tuple[Tensor, ...]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -108,12 +115,20 @@ class Core:
         assert flat is not None
         if not self.views.fast_path_ok(flat):
             return self.views.traceable(flat)
-        if torch.is_inference_mode_enabled():
-            return self.views(flat)  # views made here carry no graph: never cache them
+        if torch.is_inference_mode_enabled() or type(flat) is not nn.Parameter:
+            # Views made in inference mode carry no graph; a plain tensor here is a caller's
+            # (torch.func.functional_call(r, {"flat_param": theta})): neither is cached.
+            return self.views(flat)
         with torch.enable_grad():  # cached views must carry the graph to flat_param
             views = self.views(flat)
         self._cache = (flat, (flat._version, flat.data_ptr(), flat.requires_grad), views)
         return views
+
+    def follow_dtype(self) -> None:
+        """After a conversion of ``flat_param`` (``.double()``), a layout of its new dtype."""
+        dtype = self.flat().dtype
+        if dtype != self.layout.dtype:
+            self.layout = dataclasses.replace(self.layout, dtype=dtype)
 
     @contextmanager
     def converting(self) -> Iterator[None]:
@@ -147,7 +162,10 @@ class Core:
 
 @contextmanager
 def bind(
-    core: Core, params: tuple[Tensor, ...], buffers: list[Tensor] | None, guard: bool = False
+    core: Core,
+    params: tuple[Tensor, ...] | None,
+    buffers: list[Tensor] | None,
+    guard: bool = False,
 ) -> Iterator[None]:
     """Within the block, this thread's calls of the tree see ``params`` and ``buffers``."""
     if _is_dynamo():
@@ -167,7 +185,7 @@ def bind(
 
 def call_bound(
     core: Core,
-    params: tuple[Tensor, ...],
+    params: tuple[Tensor, ...] | None,
     buffers: list[Tensor] | None,
     fn: Callable[..., Any],
     args: tuple[Any, ...],

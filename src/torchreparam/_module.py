@@ -17,7 +17,7 @@ from ._checks import (
     same_device,
 )
 from ._classes import install
-from ._inject import CORE_KEY, Core, bind, call_bound
+from ._inject import CORE_KEY, Core, Writable, bind, call_bound, innermost
 from ._layout import FlatLayout, Include, aliases_of, select_parameters
 from ._population import Strategy, call_population, population_buffers
 from ._state_dict import as_wrapper_format, drop_managed_keys, end_flat_load, restore, snapshot
@@ -194,9 +194,13 @@ class ReparamModule(nn.Module):
                 raise ValueError("in_dims applies to population calls only; drop it")
             given = start if buffers is None else check_buffers(buffers, core.buffer_names, start)
             copies = [b.clone() for b in given]
-            params, _ = resolve(core, flat_param, None)
+            if flat_param is None and core.writes and innermost(core) is None:
+                # the module's own weights as a vector like any other: the modules that write
+                # their weights in place (max_norm) then write into a copy, not flat_param
+                flat_param = self.flat_param
+            params, _, guard = resolve(core, flat_param, None)
             # Bound as this very list: a buffer the module reassigns lands in it, returned below.
-            out = call_bound(core, params, copies, self.module, inputs, kwargs)
+            out = call_bound(core, params, copies, self.module, inputs, kwargs, guard)
             return out, dict(zip(core.buffer_names, copies, strict=True))
         members, dims = population_buffers(core, start if buffers is None else buffers, population)
         assert members is not None  # start is a full list
@@ -230,7 +234,7 @@ class ReparamModule(nn.Module):
         with torch.no_grad():
             theta = self.flat_param.detach().clone()
             copies = [b.clone() for b in core.own_buffers()]
-            with bind(core, core.views(theta), copies):
+            with bind(core, Writable(core.views(theta)), copies):
                 for module in self.module.modules():
                     reset = getattr(module, "reset_parameters", None)
                     if callable(reset):
@@ -244,8 +248,7 @@ class ReparamModule(nn.Module):
         Args:
             flat_param: ``(num_params,)``.
         """
-        params, buffers = resolve(self._core, flat_param, None)
-        guard = torch.is_grad_enabled()  # checkpoint recomputation must see flat_param too
+        params, buffers, guard = resolve(self._core, flat_param, None)
         with bind(self._core, params, buffers, guard):
             yield
 
@@ -256,8 +259,8 @@ class ReparamModule(nn.Module):
         Args:
             buffers: a tuple in ``module.buffers()`` order, or a dict ``{name: tensor}``.
         """
-        params, bound = resolve(self._core, None, buffers)
-        with bind(self._core, params, bound):
+        params, bound, guard = resolve(self._core, None, buffers, lazy_own=True)
+        with bind(self._core, params, bound, guard):
             yield
 
     def trace(self, example_input: Any, **trace_kwargs: Any) -> ReparamModule:
@@ -286,7 +289,9 @@ class ReparamModule(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> ReparamModule:
         with self._core.converting():  # the module's root would otherwise delegate back here
-            return super()._apply(fn, recurse)
+            out = super()._apply(fn, recurse)
+        self._core.follow_dtype()  # .double(), .half(), .to(dtype): the layout says so too
+        return out
 
     # ---- state dicts --------------------------------------------------------------------
     def load_state_dict(
@@ -321,6 +326,7 @@ class ReparamModule(nn.Module):
             return super().load_state_dict(ours, strict=strict, assign=assign)
         except BaseException:
             restore(self, saved)
+            self._core.loading_flat = False  # the post-hook that clears it did not run
             raise
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:

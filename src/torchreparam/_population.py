@@ -65,11 +65,7 @@ def call_population(
             member, updated in place per member) or ``shape`` (shared by all members).
         plans: where ``"auto"`` remembers its choice per call signature.
     """
-    check_flat_param(thetas, core.layout.numel, core.flat())
-    if thetas.dim() != 2:
-        raise ValueError(
-            f"a population needs shape (population, num_params), got {tuple(thetas.shape)}"
-        )
+    check_flat_param(thetas, core.layout.numel, core.flat())  # (the wrapper sends only 2-D)
     population = thetas.shape[0]
     dims = check_in_dims(in_dims, args, population)
     bound, buffer_dims = population_buffers(core, buffers, population)
@@ -145,7 +141,8 @@ class _Job:
                 bufs = [
                     b if d is None else b[i] for b, d in zip(buffers, self.buffer_dims, strict=True)
                 ]
-            outs.append(call(self.core, self.fn, args, self.kwargs, theta, bufs))
+            # (atomic=False: call_population undoes the whole population if a member raises)
+            outs.append(call(self.core, self.fn, args, self.kwargs, theta, bufs, atomic=False))
         return stack_outputs(outs)
 
     def vmap(self, buffers: Sequence[Tensor] | None = None, thetas: Tensor | None = None) -> Any:

@@ -25,7 +25,9 @@ def _layout(wrapper: nn.Module) -> FlatLayout:
 def as_wrapper_format(wrapper: nn.Module, given: Mapping[str, Any], strict: bool) -> dict[str, Any]:
     """``given`` in this wrapper's keys, after checking every key and shape."""
     expected = wrapper.state_dict(keep_vars=True)
-    wrapper_format = "flat_param" in given or all(k.startswith("module.") for k in given)
+    # The wrapper's keys: flat_param, or (strict=False) some of its buffers; anything else is
+    # the unwrapped module's (whose own keys may start with "module." too).
+    wrapper_format = "flat_param" in given or (bool(given) and set(given) <= set(expected))
     if wrapper_format:
         ours, shown = dict(given), {k: k for k in given}
         missing: list[str] = []

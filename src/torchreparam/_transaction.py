@@ -2,10 +2,10 @@
 
 In train mode, BatchNorm updates its running statistics as the forward runs; if something later
 in the same call raises, a plain module keeps the half-done update. A call through the wrapper
-snapshots the buffers it may change and restores them (values, and the tensor objects a module
-may have reassigned) when the call raises. Which buffers a call changes is learned from their
-version counters: the first call copies every buffer, later calls only those seen changing
-(BatchNorm's statistics, not, say, a causal mask).
+copies the buffers of the modules that are in train mode before it runs, and puts them back
+(values, and the tensor objects a module may have reassigned) when the call raises. (Version
+counters cannot tell which buffers a call changes: BatchNorm's kernel updates the running
+statistics without bumping theirs.)
 """
 
 from __future__ import annotations
@@ -15,22 +15,23 @@ from torch import Tensor
 
 from ._inject import Core
 
-__all__ = ["Snapshot", "learn", "rollback", "snapshot"]
+__all__ = ["Snapshot", "rollback", "snapshot"]
 
 
 class Snapshot:
-    """The module's own buffers before a call: the objects, their versions, some copies."""
+    """The module's own buffers before a call: the objects, and copies of those that may change."""
 
-    __slots__ = ("copies", "core", "refs", "versions")
+    __slots__ = ("copies", "core", "refs")
 
     def __init__(self, core: Core) -> None:
         self.core = core
         self.refs = core.own_buffers()
-        self.versions = [b._version for b in self.refs]
-        known = core.mutable_buffers
-        indices = range(len(self.refs)) if known is None else known
         with torch.no_grad():
-            self.copies = {i: self.refs[i].clone() for i in indices}
+            self.copies = {
+                i: self.refs[i].clone()
+                for i, (module, _) in enumerate(core.buffer_sites)
+                if module.training
+            }
 
 
 def snapshot(core: Core) -> Snapshot | None:
@@ -51,15 +52,3 @@ def rollback(snap: Snapshot) -> None:
                 module._buffers[name] = old  # reassigned by the module: the old object back
             if i in snap.copies:
                 old.copy_(snap.copies[i])
-
-
-def learn(snap: Snapshot) -> None:
-    """After a call that returned: remember which buffers calls change."""
-    now = snap.core.own_buffers()
-    changed = {
-        i
-        for i, (before, version) in enumerate(zip(snap.refs, snap.versions, strict=True))
-        if now[i] is not before or before._version != version
-    }
-    known = snap.core.mutable_buffers
-    snap.core.mutable_buffers = changed if known is None else known | changed

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ._layout import FlatLayout
 
-__all__ = ["ViewMaker"]
+__all__ = ["PLAIN", "ViewMaker"]
 
 _unflatten = torch._C._nn.unflatten_dense_tensors
 _flatten = torch._C._nn.flatten_dense_tensors  # one C++ cat of the reshaped grads
@@ -28,7 +28,7 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _is_tracing = torch._C._is_tracing
 # dynamo (export's non-strict tracing hands in tensor subclasses: the type check sends them on)
 _is_compiling = torch.compiler.is_dynamo_compiling
-_PLAIN = (Tensor, torch.nn.Parameter)
+PLAIN = (Tensor, torch.nn.Parameter)  # the tensor types the C++ path takes (no subclasses)
 
 
 class _Unflatten(torch.autograd.Function):
@@ -88,7 +88,7 @@ class ViewMaker:
     def fast_path_ok(self, flat: Tensor) -> bool:
         """Whether ``flat`` can take the C++ path: a plain tensor, outside every tracer."""
         return (
-            type(flat) in _PLAIN
+            type(flat) in PLAIN
             and not self.always_traceable
             and not _is_compiling()
             and not _is_tracing()
@@ -98,7 +98,7 @@ class ViewMaker:
     def __call__(self, flat: Tensor) -> tuple[Tensor, ...]:
         """Views of ``flat`` (shape ``(num_params,)``), differentiable w.r.t. ``flat``."""
         if (  # fast_path_ok, inlined: this runs on every call with a vector
-            type(flat) not in _PLAIN
+            type(flat) not in PLAIN
             or self.always_traceable
             or _is_compiling()
             or _is_tracing()
