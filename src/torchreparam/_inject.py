@@ -118,9 +118,9 @@ class Core:
         if torch.is_inference_mode_enabled() or type(flat) is not nn.Parameter:
             # Views made in inference mode carry no graph; a plain tensor here is a caller's
             # (torch.func.functional_call(r, {"flat_param": theta})): neither is cached.
-            return self.views(flat)
+            return self.views.fast(flat)
         with torch.enable_grad():  # cached views must carry the graph to flat_param
-            views = self.views(flat)
+            views = self.views.fast(flat)
         self._cache = (flat, (flat._version, flat.data_ptr(), flat.requires_grad), views)
         return views
 

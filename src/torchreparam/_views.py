@@ -97,14 +97,10 @@ class ViewMaker:
 
     def __call__(self, flat: Tensor) -> tuple[Tensor, ...]:
         """Views of ``flat`` (shape ``(num_params,)``), differentiable w.r.t. ``flat``."""
-        if (  # fast_path_ok, inlined: this runs on every call with a vector
-            type(flat) not in PLAIN
-            or self.always_traceable
-            or _is_compiling()
-            or _is_tracing()
-            or _functorch_active()
-        ):
-            return self.traceable(flat)
+        return self.fast(flat) if self.fast_path_ok(flat) else self.traceable(flat)
+
+    def fast(self, flat: Tensor) -> tuple[Tensor, ...]:
+        """The C++ path (callers check :meth:`fast_path_ok` first)."""
         if not torch.is_grad_enabled():
             # No graph is recorded, so autograd's view bookkeeping buys nothing here.
             with _below_view_tracking():
