@@ -125,7 +125,7 @@ def test_auto_remembers_its_choice_per_signature() -> None:
     thetas = torch.randn(4, r.param_numel)
     r(x, flat_param=thetas)
     assert len(r._plans) == 1
-    assert set(r._plans.values()) <= {"loop", "vmap"}
+    assert set(r._plans.values()) <= {"loop", "vmap", "batched"}
     r(x, flat_param=thetas)
     assert len(r._plans) == 1
     r(x, flat_param=torch.randn(6, r.param_numel))

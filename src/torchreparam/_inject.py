@@ -84,11 +84,13 @@ class Core:
         self.applying = False  # the holder's _apply is converting the whole tree
         self.writes = False  # a module of the tree writes its weights in place (WRITES_WEIGHTS)
         self._cache: tuple[Tensor, tuple[int, int, bool], tuple[Tensor, ...]] | None = None
+        self.memo: dict[str, Any] = {}  # what the layers above derive from the tree, to reuse
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_cache"] = None  # views are derived; they are rebuilt on first use
         state["compiled"] = None
+        state["memo"] = {}
         return state
 
     def flat(self) -> Tensor:

@@ -78,11 +78,13 @@ class FlatLayout:
     entries: tuple[LayoutEntry, ...]
     dtype: torch.dtype
     _index: dict[str, LayoutEntry] = field(init=False, repr=False, compare=False, hash=False)
+    _positions: dict[str, int] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         index: dict[str, LayoutEntry] = {}
+        positions: dict[str, int] = {}
         offset = 0
-        for entry in self.entries:
+        for position, entry in enumerate(self.entries):
             if entry.offset != offset:
                 raise ValueError(
                     f"layout entry {entry.name!r} starts at offset {entry.offset} but the "
@@ -92,8 +94,10 @@ class FlatLayout:
                 if name in index:
                     raise ValueError(f"layout names must be unique; {name!r} appears twice")
                 index[name] = entry
+                positions[name] = position
             offset += entry.numel
         object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "_positions", positions)
 
     def __getstate__(self) -> dict[str, object]:
         return {"entries": self.entries, "dtype": self.dtype}
@@ -167,6 +171,13 @@ class FlatLayout:
             raise KeyError(
                 f"{name!r} is not in this layout; its names are {list(self.names)}"
             ) from None
+
+    def position(self, name: str) -> int:
+        """Where ``name``'s entry (an entry's name or one of its aliases) is in :attr:`entries`:
+        the index of its view in :meth:`unflatten`'s order."""
+        if name not in self._positions:
+            return self.entries.index(self[name])  # (self[name] raises the KeyError)
+        return self._positions[name]
 
     # ---- conversions --------------------------------------------------------------------
     def unflatten(self, flat: torch.Tensor, *, aliases: bool = False) -> dict[str, torch.Tensor]:

@@ -70,8 +70,10 @@ class ReparamModule(nn.Module):
     flat_param: nn.Parameter
     module: nn.Module
     population_strategy: Strategy
-    """How population calls run: ``"auto"`` (default: time vmap and the loop on the first call
-    of each signature, keep the faster), ``"vmap"`` or ``"loop"``."""
+    """How population calls run: ``"auto"`` (default: time the batched call against the loop on
+    the first call of each signature, keep the faster), ``"vmap"``, ``"batched"`` (batched
+    matrix products written out, for a ``Sequential`` of ``Linear`` layers and activations) or
+    ``"loop"``."""
 
     def __init__(self, module: nn.Module, *, include: Include = None) -> None:
         super().__init__()

@@ -1,9 +1,12 @@
 """Calling a module tree with a population of flat vectors ``(population, num_params)``.
 
-The reference semantics is the loop of single calls, stacked on a new leading dimension. Two
-strategies give it: a Python loop, and ``torch.func.vmap`` (one batched call: far faster for
-small dense models, slower for grouped convolutions and BatchNorm on CPU). ``"auto"`` times both
-on the first call of each signature (shapes, population size, modes) and keeps the faster.
+The reference semantics is the loop of single calls, stacked on a new leading dimension. Three
+strategies give it: a Python loop; ``torch.func.vmap`` (one batched call: far faster for small
+dense models, slower for grouped convolutions and BatchNorm on CPU); and, for a ``Sequential`` of
+``Linear`` layers and activations, batched matrix products written out (:mod:`._batched`: what
+``vmap`` computes there, without its per-op dispatch). ``"auto"`` times the batched call (the
+written-out one where the module has a plan, else ``vmap``) against the loop on the first call
+of each signature (shapes, population size, modes) and keeps the faster.
 
 ``vmap`` is used only where it cannot differ from the loop: when no buffer shared by all
 members can be updated in place (every module with buffers in eval mode, or every buffer given
@@ -21,14 +24,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._batched import Plan, plan, run
 from ._call import call, transactional, write_back
 from ._checks import check_buffers, check_flat_param, check_in_dims
 from ._inject import Core, call_bound
 
 __all__ = ["Strategy", "call_population", "population_buffers"]
 
-Strategy = Literal["auto", "vmap", "loop"]
-_STRATEGIES = ("auto", "vmap", "loop")
+Strategy = Literal["auto", "vmap", "loop", "batched"]
+_STRATEGIES = ("auto", "vmap", "loop", "batched")
 
 
 def population_buffers(
@@ -78,12 +82,21 @@ def call_population(
             "member (modules with buffers are in train mode): pass per-member buffers of shape "
             "(population, *shape), use eval mode, or use strategy 'loop'"
         )
-    job = _Job(core, fn, args, kwargs, thetas, bound, dims, buffer_dims)
     if strategy == "auto" and torch.compiler.is_compiling():
         strategy = "vmap"  # timing cannot be traced; in a graph the batched call is the one
-    run = _dispatch(job, strategy, may_vmap, plans if plans is not None else {})
+    job = _Job(core, fn, args, kwargs, thetas, bound, dims, buffer_dims)
+    if strategy in ("auto", "batched"):
+        job.steps = _batched_plan(core, fn, args, kwargs)
+        if strategy == "batched" and job.steps is None:
+            raise ValueError(
+                "strategy 'batched' takes a module tree of nn.Sequential, nn.Linear, elementwise "
+                "activations, nn.Flatten and inactive nn.Dropout, without hooks or buffers, "
+                "called with one tensor and no keyword inputs; this call is not one: use "
+                "'auto', 'vmap' or 'loop'"
+            )
+    go = _dispatch(job, strategy, may_vmap, plans if plans is not None else {})
     # members sharing the module's own buffers: a raise in member k undoes members 0..k-1 too
-    return transactional(core, run, (), {}) if bound is None else run()
+    return transactional(core, go, (), {}) if bound is None else go()
 
 
 def _dispatch(job: _Job, strategy: str, may_vmap: bool, plans: dict[Any, str]) -> Callable[[], Any]:
@@ -91,7 +104,21 @@ def _dispatch(job: _Job, strategy: str, may_vmap: bool, plans: dict[Any, str]) -
         return job.loop
     if strategy == "vmap":
         return job.vmap
+    if strategy == "batched":
+        return job.batched
     return lambda: _auto(job, plans)
+
+
+def _batched_plan(
+    core: Core, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Plan | None:
+    """The written-out batched plan for this call (:mod:`._batched`), if the tree has one."""
+    if core.buffer_names or kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+        return None
+    if not isinstance(fn, nn.Module):  # (fn: the root of the tree the layout describes)
+        return None
+    # (while compiling, nothing is remembered: a memo written in a graph would be a guard)
+    return plan(fn, core.layout, {} if torch.compiler.is_compiling() else core.memo)
 
 
 def _vmap_is_exact(core: Core, bound: list[Tensor] | None, dims: tuple[int | None, ...]) -> bool:
@@ -117,6 +144,15 @@ class _Job:
     ) -> None:
         self.core, self.fn, self.args, self.kwargs = core, fn, args, kwargs
         self.thetas, self.buffers, self.dims, self.buffer_dims = thetas, buffers, dims, buffer_dims
+        self.steps: Plan | None = None  # set where the module has a batched plan
+
+    def batched(self, thetas: Tensor | None = None) -> Any:
+        """The written-out batched call (:mod:`._batched`); the loop where the input does not
+        fit it (the loop raises the module's own error, if any)."""
+        assert self.steps is not None
+        thetas = self.thetas if thetas is None else thetas
+        out = run(self.steps, self.core.views.rows(thetas), self.args[0], self.dims[0] == 0)
+        return self.loop() if out is None else out
 
     def key(self) -> tuple[Any, ...]:
         """What the faster strategy depends on: sizes, dtypes, grad, train/eval modes."""
@@ -125,6 +161,8 @@ class _Job:
             self.thetas.requires_grad
             or any(isinstance(a, Tensor) and a.requires_grad for a in self.args)
         )
+        if self.steps is not None:  # (its modes are in the plan: a mode that matters, none)
+            return (self.thetas.shape, self.dims, (), shapes, grad, None)
         modes = (
             tuple(m.training for m in self.fn.modules()) if isinstance(self.fn, nn.Module) else ()
         )
@@ -176,33 +214,41 @@ def _auto(job: _Job, plans: dict[Any, str]) -> Any:
         return job.loop()
     if plan == "vmap":
         return job.vmap()
-    # First call of this signature: a trial of vmap on copies of the buffers (and, when
-    # gradients are needed, a backward through it: some batched kernels have no derivative),
-    # then the loop for real; the faster one serves the next calls. Randomness (dropout) draws
-    # twice here.
-    trial = None if job.buffers is None else [b.clone() for b in job.buffers]
+    if plan == "batched" and job.steps is not None:
+        return job.batched()
+    # First call of this signature: a trial of the batched call on copies of the buffers (and,
+    # when gradients are needed, a backward through it: some batched kernels have no
+    # derivative), then the loop for real; the faster one serves the next calls. Randomness
+    # (dropout) draws twice here.
+    candidate: Callable[[Tensor], Any]
+    if job.steps is not None:
+        name, candidate = "batched", job.batched
+    else:
+        trial = None if job.buffers is None else [b.clone() for b in job.buffers]
+        name, candidate = "vmap", lambda thetas: job.vmap(trial, thetas)
     try:
-        vmap_seconds = _trial(job, trial, needs_grad=key[4])
+        batched_seconds = _trial(job, candidate, needs_grad=key[4])
     except Exception:  # an op without a batching rule, for example: the loop always works
-        vmap_seconds = float("inf")
+        batched_seconds = float("inf")
     start = time.perf_counter()
     out = job.loop()
-    plans[key] = "vmap" if vmap_seconds < time.perf_counter() - start else "loop"
+    plans[key] = name if batched_seconds < time.perf_counter() - start else "loop"
     return out
 
 
-def _trial(job: _Job, buffers: list[Tensor] | None, needs_grad: bool) -> float:
-    """Seconds for a vmap forward (on copies), timed after a warm-up run (vmap's first call
-    pays one-time costs); raises if vmap (or its backward) fails."""
+def _trial(job: _Job, candidate: Callable[[Tensor], Any], needs_grad: bool) -> float:
+    """Seconds for a forward of ``candidate`` (given a detached copy of the vectors), timed
+    after a warm-up run (vmap's first call pays one-time costs); raises if it (or its
+    backward) fails."""
     thetas = job.thetas.detach().requires_grad_(job.thetas.requires_grad)
     with warnings.catch_warnings():  # the real run (the loop) shows the model's own warnings
         warnings.simplefilter("ignore")
-        out = job.vmap(buffers, thetas)
+        out = candidate(thetas)
         leaves = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
         if needs_grad and leaves and thetas.requires_grad:
             torch.autograd.grad([t.sum() for t in leaves], thetas, allow_unused=True)
         start = time.perf_counter()
-        job.vmap(buffers, thetas)
+        candidate(thetas)
         return time.perf_counter() - start
 
 

@@ -66,11 +66,12 @@ _apply_unflatten = (
 class ViewMaker:
     """Turns a flat vector into a tuple of views, one per layout entry, in layout order."""
 
-    __slots__ = ("always_traceable", "refs", "shapes", "sizes")
+    __slots__ = ("always_traceable", "refs", "shapes", "sizes", "strided")
 
     def __init__(self, layout: FlatLayout) -> None:
         self.shapes = tuple(e.shape for e in layout.entries)
         self.sizes = tuple(e.numel for e in layout.entries)
+        self.strided = _strided(self.shapes, self.sizes)
         # Shape carriers for the C++ unflatten, which reads only sizes: meta tensors cost nothing.
         self.refs = [torch.empty(s, device="meta") for s in self.shapes]
         # The C++ unflatten returns (0,)-shaped fresh tensors for empty entries: not views.
@@ -83,6 +84,7 @@ class ViewMaker:
         self.shapes = state["shapes"]  # type: ignore[assignment]
         self.sizes = state["sizes"]  # type: ignore[assignment]
         self.always_traceable = state["always"]  # type: ignore[assignment]
+        self.strided = _strided(self.shapes, self.sizes)
         self.refs = [torch.empty(s, device="meta") for s in self.shapes]
 
     def fast_path_ok(self, flat: Tensor) -> bool:
@@ -113,6 +115,16 @@ class ViewMaker:
         """Views ``(population, *shape)`` of a ``(population, num_params)`` matrix, one per entry
         (slices of its rows: ``view`` splits a contiguous last dimension, so no copy)."""
         population = flats.shape[0]
+        if (
+            not (flats.requires_grad and torch.is_grad_enabled())
+            and flats.is_contiguous()
+            and self.fast_path_ok(flats)
+        ):  # no graph to record: one strided view per entry, straight from the storage
+            start, stride = flats.storage_offset(), flats.stride(0)
+            return tuple(
+                flats.as_strided((population, *shape), (stride, *inner), start + offset)
+                for shape, inner, offset in self.strided
+            )
         return tuple(
             chunk.view(population, *shape)
             for chunk, shape in zip(flats.split(self.sizes, dim=1), self.shapes, strict=True)
@@ -124,3 +136,14 @@ class ViewMaker:
             chunk.view(shape)
             for chunk, shape in zip(flat.split(self.sizes), self.shapes, strict=True)
         )
+
+
+def _strided(
+    shapes: tuple[tuple[int, ...], ...], sizes: tuple[int, ...]
+) -> tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...]:
+    """Per entry: its shape, its contiguous strides and its offset in the flat vector."""
+    out, offset = [], 0
+    for shape, size in zip(shapes, sizes, strict=True):
+        out.append((shape, torch.empty(shape, device="meta").stride(), offset))
+        offset += size
+    return tuple(out)

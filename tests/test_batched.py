@@ -1,0 +1,254 @@
+"""The written-out batched strategy for MLPs: equal to the loop, or refused, or the loop."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import unchanged
+from torch import nn
+
+from torchreparam import ReparamModule, _population
+
+Factory = Callable[[], nn.Module]
+
+
+def _tied() -> nn.Module:
+    shared = nn.Linear(6, 6)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), shared, nn.GELU(), shared, nn.Linear(6, 2))
+
+
+# name -> (module factory, shared input of one member)
+CASES: dict[str, tuple[Factory, Callable[[], torch.Tensor]]] = {
+    "mlp": (
+        lambda: nn.Sequential(
+            nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)
+        ),
+        lambda: torch.randn(7, 5),
+    ),
+    "sequence": (
+        lambda: nn.Sequential(nn.Linear(5, 4), nn.SiLU(), nn.Linear(4, 3)),
+        lambda: torch.randn(2, 3, 5),
+    ),
+    "vector": (
+        lambda: nn.Sequential(nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 2)),
+        lambda: torch.randn(5),
+    ),
+    "no_bias": (
+        lambda: nn.Sequential(nn.Linear(5, 4, bias=False), nn.LeakyReLU(0.3), nn.Linear(4, 2)),
+        lambda: torch.randn(6, 5),
+    ),
+    "tied": (_tied, lambda: torch.randn(4, 5)),
+    "nested_flatten": (
+        lambda: nn.Sequential(
+            nn.Flatten(),
+            nn.Sequential(nn.Linear(12, 6), nn.Dropout(0.5).eval(), nn.ELU()),
+            nn.Identity(),
+            nn.Linear(6, 3),
+        ),
+        lambda: torch.randn(4, 3, 4),
+    ),
+    "flatten_inside": (  # Flatten after a Linear: it acts on each member's dimensions
+        lambda: nn.Sequential(nn.Linear(4, 3), nn.Flatten(), nn.Linear(6, 2)),
+        lambda: torch.randn(5, 2, 4),
+    ),
+    "single_linear": (lambda: nn.Linear(4, 3), lambda: torch.randn(2, 4)),
+}
+
+
+def _wrapped(name: str, dtype: torch.dtype = torch.float32) -> tuple[ReparamModule, torch.Tensor]:
+    factory, example = CASES[name]
+    torch.manual_seed(0)
+    module = factory().to(dtype)
+    module.eval() if name == "nested_flatten" else None
+    return ReparamModule(module), example().to(dtype)
+
+
+@pytest.fixture
+def no_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Population calls must not fall back to the loop (the batched path computes them)."""
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the population fell back to the loop")
+
+    monkeypatch.setattr(_population._Job, "loop", fail)
+
+
+def _loop(
+    r: ReparamModule, thetas: torch.Tensor, x: torch.Tensor, per_member: bool
+) -> torch.Tensor:
+    """The reference: the plain loop of single calls, stacked."""
+    rows = x.unbind(0) if per_member else [x] * len(thetas)
+    return torch.stack([r(xi, flat_param=t) for xi, t in zip(rows, thetas, strict=True)])
+
+
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per_member"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_batched_equals_the_loop_in_values_and_gradients(
+    name: str, per_member: bool, no_loop: None
+) -> None:
+    r, x = _wrapped(name)
+    r.population_strategy = "batched"
+    population = 4
+    if per_member:
+        x = torch.stack([x + i for i in range(population)])
+    x.requires_grad_()
+    thetas = (0.5 * torch.randn(population, r.param_numel)).requires_grad_()
+    x_ref, thetas_ref = (
+        x.detach().clone().requires_grad_(),
+        thetas.detach().clone().requires_grad_(),
+    )
+    out = r(x, flat_param=thetas, in_dims=0 if per_member else None)
+    expected = _loop(r, thetas_ref, x_ref, per_member)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected)
+    cot = torch.randn_like(out)
+    (out * cot).sum().backward()
+    (expected * cot).sum().backward()
+    torch.testing.assert_close(thetas.grad, thetas_ref.grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("name", ["mlp", "tied", "flatten_inside"])
+def test_batched_passes_gradcheck_and_gradgradcheck(name: str, no_loop: None) -> None:
+    r, x = _wrapped(name, torch.float64)
+    r.population_strategy = "batched"
+    thetas = (0.5 * torch.randn(3, r.param_numel, dtype=torch.float64)).requires_grad_()
+    x = x.clone().requires_grad_()
+
+    def f(t: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+        return r(inp, flat_param=t)
+
+    assert torch.autograd.gradcheck(f, (thetas, x))
+    assert torch.autograd.gradgradcheck(f, (thetas, x))
+
+
+def test_auto_uses_the_written_out_plan_or_the_loop_never_vmap() -> None:
+    r, x = _wrapped("mlp")
+    thetas = torch.randn(8, r.param_numel)
+    expected = _loop(r, thetas, x, per_member=False)
+    for _ in range(2):
+        torch.testing.assert_close(r(x, flat_param=thetas), expected)
+    assert set(r._plans.values()) <= {"batched", "loop"}  # which one: timing on this machine
+
+
+def test_strided_vectors_take_the_same_values(no_loop: None) -> None:
+    r, x = _wrapped("mlp")
+    r.population_strategy = "batched"
+    base = torch.randn(r.param_numel, 3)
+    for thetas in (base.t(), base[:, 0].expand(3, -1), torch.randn(6, r.param_numel)[::2]):
+        torch.testing.assert_close(r(x, flat_param=thetas), _loop(r, thetas, x, per_member=False))
+
+
+def _planned() -> tuple[ReparamModule, torch.Tensor, torch.Tensor]:
+    """The MLP, strategy "batched", after one population call (its plan is remembered)."""
+    r, x = _wrapped("mlp")
+    r.population_strategy = "batched"
+    thetas = torch.randn(3, r.param_numel)
+    r(x, flat_param=thetas)
+    return r, x, thetas
+
+
+def test_changes_to_the_tree_after_a_call_are_seen() -> None:
+    r, x, thetas = _planned()
+    r.module[1] = nn.Tanh()  # a child replaced: a new plan
+    torch.testing.assert_close(r(x, flat_param=thetas), _loop(r, thetas, x, per_member=False))
+
+    handle = r.module[2].register_forward_hook(lambda m, i, o: o * 2)  # a hook: no plan
+    with unchanged(r, x), pytest.raises(ValueError, match="strategy 'batched' takes"):
+        r(x, flat_param=thetas)
+    r.population_strategy = "auto"  # honours the hook, through vmap or the loop
+    torch.testing.assert_close(r(x, flat_param=thetas), _loop(r, thetas, x, per_member=False))
+    handle.remove()
+
+    r.population_strategy = "batched"
+    r.module.append(nn.Dropout(0.5))  # train mode: random, per member: no plan
+    with pytest.raises(ValueError, match="strategy 'batched' takes"):
+        r(x, flat_param=thetas)
+    r.module[-1].eval()
+    torch.testing.assert_close(r(x, flat_param=thetas), _loop(r, thetas, x, per_member=False))
+
+
+def test_global_hooks_disable_the_plan() -> None:
+    r, x, thetas = _planned()
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
+    try:
+        with pytest.raises(ValueError, match="strategy 'batched' takes"):
+            r(x, flat_param=thetas)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU()),
+        nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
+        nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=-1)),  # not elementwise: dims shift
+        nn.Sequential(nn.Linear(4, 4), nn.PReLU()),
+        nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)),
+    ],
+    ids=["conv", "batchnorm", "softmax", "prelu", "parametrized"],
+)
+def test_other_trees_are_refused_before_anything_changes(module: nn.Module) -> None:
+    r = ReparamModule(module).eval()
+    r.population_strategy = "batched"
+    x = (
+        torch.randn(2, 2, 5)
+        if isinstance(module[0] if isinstance(module, nn.Sequential) else module, nn.Conv1d)
+        else torch.randn(2, 4)
+    )
+    with unchanged(r, x), pytest.raises(ValueError, match=re.escape("strategy 'batched' takes")):
+        r(x, flat_param=torch.randn(3, r.param_numel))
+
+
+def test_keyword_inputs_and_frozen_weights_are_refused() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    net[2].bias.requires_grad_(False)
+    r = ReparamModule(net, include="trainable")  # the frozen bias is not in the vector
+    r.population_strategy = "batched"
+    with pytest.raises(ValueError, match="strategy 'batched' takes"):
+        r(torch.randn(3, 4), flat_param=torch.randn(2, r.param_numel))
+
+
+def test_inputs_that_do_not_fit_get_the_modules_own_error() -> None:
+    r, x = _wrapped("mlp")
+    r.population_strategy = "batched"
+    thetas = torch.randn(3, r.param_numel)
+    for bad in (torch.randn(7, 6), x.double(), torch.tensor(1.0)):
+        with unchanged(r, x), pytest.raises(RuntimeError) as ours:
+            r(bad, flat_param=thetas)
+        with pytest.raises(RuntimeError) as plain:
+            r.module(bad)
+        assert str(ours.value) == str(plain.value)
+
+
+def test_autocast_takes_the_loop() -> None:
+    r, x = _wrapped("mlp")
+    r.population_strategy = "batched"
+    thetas = torch.randn(3, r.param_numel)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = r(x, flat_param=thetas)
+        expected = _loop(r, thetas, x, per_member=False)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+
+
+def test_under_torch_func_transforms() -> None:
+    r, x = _wrapped("mlp", torch.float64)  # (float32 rounding differs between kernels)
+    thetas = torch.randn(3, r.param_numel, dtype=torch.float64)
+
+    def loss(t: torch.Tensor) -> torch.Tensor:
+        return r(x, flat_param=t).square().sum()
+
+    r.population_strategy = "loop"
+    expected = torch.func.grad(loss)(thetas)
+    r.population_strategy = "batched"
+    torch.testing.assert_close(torch.func.grad(loss)(thetas), expected)
+    many = torch.randn(2, 3, r.param_numel, dtype=torch.float64)
+    torch.testing.assert_close(
+        torch.func.vmap(lambda t: r(x, flat_param=t))(many),
+        torch.stack([_loop(r, t, x, per_member=False) for t in many]),
+    )
