@@ -252,3 +252,19 @@ def test_under_torch_func_transforms() -> None:
         torch.func.vmap(lambda t: r(x, flat_param=t))(many),
         torch.stack([_loop(r, t, x, per_member=False) for t in many]),
     )
+
+
+def test_dropout_rate_changes_and_odd_attributes() -> None:
+    class Tagged(nn.Linear):  # forward inherited; an attribute named like Dropout's rate
+        def __init__(self) -> None:
+            super().__init__(5, 8)
+            self.p = torch.tensor([1.0, 2.0])
+
+    drop = nn.Dropout(0.0)  # train mode, rate 0: the identity, so planned
+    r = ReparamModule(nn.Sequential(Tagged(), drop, nn.Linear(8, 3)))
+    r.population_strategy = "batched"
+    x, thetas = torch.randn(4, 5), torch.randn(3, r.param_numel)
+    torch.testing.assert_close(r(x, flat_param=thetas), _loop(r, thetas, x, per_member=False))
+    drop.p = 0.5  # now random: the remembered plan no longer holds
+    with pytest.raises(ValueError, match="strategy 'batched' takes"):
+        r(x, flat_param=thetas)

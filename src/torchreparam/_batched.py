@@ -37,7 +37,8 @@ _GLOBAL_HOOKS = (
 # A step: a Linear as (weight entry, bias entry or -1, in_features, None), any other module
 # as (-1, -1, 0, module).
 _Step = tuple[int, int, int, "nn.Module | None"]
-# What a plan assumed of each module it visited: (module, training, children, dropout's p).
+# What a plan assumed of each module it visited: (module, training, children, Dropout's p or
+# None).
 _Seen = tuple[nn.Module, bool, tuple[nn.Module | None, ...], Any]
 
 
@@ -59,7 +60,7 @@ class Plan:
                 module.training is not training
                 or _hooked(module)
                 or tuple(module._modules.values()) != children
-                or module.__dict__.get("p") != p
+                or (p is not None and module.__dict__.get("p") != p)
             ):
                 return False
         return True
@@ -99,10 +100,9 @@ def _walk(
 ) -> bool:
     if _hooked(module):
         return False
-    seen.append(
-        (module, module.training, tuple(module._modules.values()), module.__dict__.get("p"))
-    )
     forward = type(module).forward
+    p = module.__dict__.get("p") if forward is nn.Dropout.forward else None  # (a float)
+    seen.append((module, module.training, tuple(module._modules.values()), p))
     if forward is nn.Sequential.forward:
         return all(  # every child, in order: one used twice runs twice (named_children dedups)
             child is not None and _walk(child, f"{prefix}{name}.", layout, steps, seen)
@@ -121,10 +121,8 @@ def _walk(
         return True
     if module._parameters or module._buffers or module._modules:
         return False
-    if forward is nn.Dropout.forward:
-        plain = not module.training or module.__dict__.get("p") == 0
-    else:
-        plain = forward in _FORWARDS
+    dropout = forward is nn.Dropout.forward
+    plain = (not module.training or p == 0) if dropout else forward in _FORWARDS
     if plain:
         steps.append((-1, -1, 0, module))
     return plain
