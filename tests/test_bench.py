@@ -12,8 +12,9 @@ from torch.func import functional_call
 from torchreparam.__main__ import main
 from torchreparam._bench import gpt2, models, page, peers
 from torchreparam._bench.original import OriginalReparamModule
+from torchreparam._bench.population import _never_slower
 from torchreparam._bench.report import Table, at_least, at_most
-from torchreparam._bench.timing import Budget, compare, median_ratio, slope
+from torchreparam._bench.timing import Budget, Timing, compare, median_ratio, slope
 
 # Every target, by the start of its table's title.
 TARGETS = [
@@ -185,3 +186,13 @@ def test_peers_agree_on_forward_and_gradient() -> None:
     for name in (peers.ORIGINAL, peers.FUNC_FLAT):
         torch.testing.assert_close(grads[name][0], reference, msg=name)
     torch.testing.assert_close(grads[peers.V2P], reference)
+
+
+def test_never_slower_verdict_allows_only_noise() -> None:
+    loop = Timing("loop", (1.0,) * 8, 1.0, 1)
+    noisy = Timing("ours", (0.98, 0.99, 1.0, 1.01, 1.02, 1.02, 1.03, 1.04), 1.015, 1)
+    slower = Timing("ours", (1.04, 1.05, 1.05, 1.06, 1.06, 1.07, 1.07, 1.08), 1.06, 1)
+    faster = Timing("ours", (0.9,) * 8, 0.9, 1)
+    assert _never_slower(noisy, loop).startswith("met within noise: torchreparam 1.01x")
+    assert _never_slower(slower, loop).startswith("missed: torchreparam 1.06x")
+    assert _never_slower(faster, loop).startswith("met: torchreparam 0.90x")
