@@ -36,6 +36,9 @@ installed is listed as skipped.
 - CPU figures use `torch.set_num_threads(1)`: they measure overhead, not parallel kernels.
 - The machine is shared and noisy: compare ratios within one table rather than absolute
   times across tables or runs.
+- Targets are judged on the paired ratio, with one allowance: a "never slower" target whose
+  ratio is just over 1 counts as met within noise when the middle half of the per-round ratios
+  reaches 1 (the verdict then gives that spread).
 - The original torchreparam is re-implemented faithfully inside the suite
   (`torchreparam._bench.original`): `torch.cat` into `flat_param`, then on every call
   `split` + `.view`, `setattr` on the modules, the call, and `setattr` back.
