@@ -140,7 +140,7 @@ def run(made: Plan, rows: Sequence[Tensor], x: Tensor, batched: bool) -> Tensor 
         batched: whether ``x`` has a leading population dimension (else it is shared).
     """
     first = rows[0]
-    if x.dtype != first.dtype or x.device != first.device:
+    if x.dtype != first.dtype or x.device != first.device or x.layout != torch.strided:
         return None
     if torch.is_autocast_enabled(x.device.type):
         return None  # (autocast casts F.linear and bmm by different lists)
