@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import unchanged
 from torch import nn
+from torch._dynamo.testing import CompileCounter
 
 from torchreparam import ReparamModule, _population
 
@@ -268,3 +269,14 @@ def test_dropout_rate_changes_and_odd_attributes() -> None:
     drop.p = 0.5  # now random: the remembered plan no longer holds
     with pytest.raises(ValueError, match="strategy 'batched' takes"):
         r(x, flat_param=thetas)
+
+
+def test_compiles_to_one_graph_across_new_vectors() -> None:
+    r, x = _wrapped("mlp")
+    r.population_strategy = "batched"
+    counter = CompileCounter()
+    f = torch.compile(lambda t, inp: r(inp, flat_param=t), fullgraph=True, backend=counter)
+    for _ in range(3):
+        thetas = torch.randn(5, r.param_numel)
+        torch.testing.assert_close(f(thetas, x), _loop(r, thetas, x, per_member=False))
+    assert counter.frame_count == 1
