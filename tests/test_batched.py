@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
+from unittest import mock
 
 import pytest
 import torch
 from conftest import unchanged
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch._dynamo.testing import CompileCounter
 
@@ -280,3 +284,61 @@ def test_compiles_to_one_graph_across_new_vectors() -> None:
         thetas = torch.randn(5, r.param_numel)
         torch.testing.assert_close(f(thetas, x), _loop(r, thetas, x, per_member=False))
     assert counter.frame_count == 1
+
+
+ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Identity, nn.Softplus]
+
+
+@st.composite
+def mlps(draw: st.DrawFn) -> tuple[nn.Module, int]:
+    """A random Sequential MLP: widths, biases, activations, a module used twice, a tied
+    weight, inactive Dropout, nesting."""
+    first = width = draw(st.integers(1, 5))
+    layers: list[nn.Module] = []
+    squares: list[nn.Linear] = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["linear", "linear", "shared", "tied", "dropout"]))
+        if kind == "shared" and squares and squares[0].in_features == width:
+            layers.append(squares[0])
+        elif kind == "tied" and squares and squares[0].in_features == width:
+            lin = nn.Linear(width, width, bias=draw(st.booleans()))
+            lin.weight = squares[0].weight
+            layers.append(lin)
+        elif kind == "dropout":
+            layers.append(nn.Dropout(0.5).eval())
+        else:
+            out = draw(st.integers(1, 5))
+            lin = nn.Linear(width, out, bias=draw(st.booleans()))
+            squares += [lin] if width == out else []
+            layers.append(lin)
+            width = out
+        layers.append(draw(st.sampled_from(ACTIVATIONS))())
+    if not any(isinstance(m, nn.Linear) for m in layers):
+        layers.append(nn.Linear(width, 2))
+    while len(layers) > 2 and draw(st.booleans()):
+        i = draw(st.integers(0, len(layers) - 2))
+        j = draw(st.integers(i + 1, len(layers)))
+        layers[i:j] = [nn.Sequential(*layers[i:j])]
+    return nn.Sequential(*layers), first
+
+
+@settings(max_examples=300 if os.environ.get("TORCHREPARAM_SLOW") else 30, deadline=None)
+@given(arch=mlps(), data=st.data())
+def test_random_mlps_match_the_loop(arch: tuple[nn.Module, int], data: st.DataObject) -> None:
+    module, features = arch
+    r = ReparamModule(module.double())
+    population = data.draw(st.integers(1, 4), label="population")
+    lead = data.draw(st.lists(st.integers(1, 3), max_size=2), label="lead dims")
+    per_member = data.draw(st.booleans(), label="per-member inputs")
+    x = torch.randn(*([population] if per_member else []), *lead, features, dtype=torch.float64)
+    thetas = torch.randn(population, r.param_numel, dtype=torch.float64, requires_grad=True)
+    ref = thetas.detach().clone().requires_grad_()
+    r.population_strategy = "batched"
+    with mock.patch.object(_population._Job, "loop", side_effect=AssertionError("the loop ran")):
+        out = r(x, flat_param=thetas, in_dims=0 if per_member else None)
+    expected = _loop(r, ref, x, per_member)
+    torch.testing.assert_close(out, expected)
+    cot = torch.randn_like(out)
+    (out * cot).sum().backward()
+    (expected * cot).sum().backward()
+    torch.testing.assert_close(thetas.grad, ref.grad)

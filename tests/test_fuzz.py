@@ -23,13 +23,14 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 from zoo import one_intra_op_thread  # noqa: F401 (a fixture)
 
 from torchreparam import ReparamModule
+from torchreparam._batched import plan
 from torchreparam._inject import innermost
 
 SLOW = bool(os.environ.get("TORCHREPARAM_SLOW"))
@@ -290,7 +291,10 @@ def test_populations_match_the_loop_of_single_calls(arch: Arch, data: st.DataObj
     strategies = (
         ["loop", "auto"] if arch.recurrent else ["loop", "vmap", "auto"]
     )  # torch: no vmap rule for RNNs
+    if plan(r.module, r.layout, {}) is not None:  # a Sequential MLP: written-out batched too
+        strategies.append("batched")
     r.population_strategy = data.draw(st.sampled_from(strategies), label="strategy")
+    event(f"strategy {r.population_strategy}")
     per_member = data.draw(st.booleans(), label="per-member inputs")
     batch = data.draw(st.integers(2, 3), label="batch")
     x = _inputs(arch, batch, seed=1, population=population if per_member else None)
