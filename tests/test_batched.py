@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -342,3 +343,72 @@ def test_random_mlps_match_the_loop(arch: tuple[nn.Module, int], data: st.DataOb
     (out * cot).sum().backward()
     (expected * cot).sum().backward()
     torch.testing.assert_close(thetas.grad, ref.grad)
+
+
+class _Doubled(nn.ReLU):  # forward inherited, the call path overridden
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return super().__call__(*args, **kwargs) * 2
+
+
+class _Reversed(nn.Sequential):  # forward inherited; it iterates with __iter__
+    def __iter__(self) -> Iterator[nn.Module]:
+        return reversed(list(self._modules.values()))  # type: ignore[arg-type]
+
+
+class _Softmax(nn.ReLU):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x, -1)
+
+
+def _instance_forward() -> nn.Module:
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    net[1].forward = lambda t: t * 10  # (what patching tools do)
+    return net
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        _instance_forward,
+        lambda: nn.Sequential(nn.Linear(3, 4), _Doubled(), nn.Linear(4, 2)),
+        lambda: _Reversed(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3)),
+        lambda: nn.Sequential(nn.ReLU(inplace=True), nn.Linear(3, 2)),
+        lambda: nn.Sequential(nn.Linear(3, 0), nn.Linear(0, 2)),
+    ],
+    ids=["instance_forward", "call_override", "iter_override", "inplace", "empty_linear"],
+)
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_trees_that_look_planned_but_run_otherwise_are_refused(factory: Factory) -> None:
+    r = ReparamModule(factory())
+    x, thetas = torch.randn(5, 3), torch.randn(3, r.param_numel)
+    r.population_strategy = "batched"
+    with unchanged(r), pytest.raises(ValueError, match="strategy 'batched' takes"):
+        r(x, flat_param=thetas)
+    r.population_strategy = "auto"
+    torch.testing.assert_close(
+        r(x.clone(), flat_param=thetas), _loop(r, thetas, x.clone(), per_member=False)
+    )
+
+
+def test_remembered_plan_sees_a_patched_forward_and_a_new_class() -> None:
+    r, x, thetas = _planned()
+    r.module[1].forward = lambda t: t * 10
+    with pytest.raises(ValueError, match="strategy 'batched' takes"):
+        r(x, flat_param=thetas)
+    del r.module[1].forward
+    r(x, flat_param=thetas)  # planned again
+    r.module[1].__class__ = _Softmax
+    with pytest.raises(ValueError, match="strategy 'batched' takes"):
+        r(x, flat_param=thetas)
+
+
+def test_output_is_contiguous_and_flatten_subclasses_act_per_member(no_loop: None) -> None:
+    class MyFlatten(nn.Flatten):
+        pass
+
+    r = ReparamModule(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), MyFlatten(), nn.Linear(6, 2)))
+    r.population_strategy = "batched"
+    x, thetas = torch.randn(5, 2, 4), torch.randn(3, r.param_numel)
+    out = r(x, flat_param=thetas)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, _loop(r, thetas, x, per_member=False))

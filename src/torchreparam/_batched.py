@@ -34,17 +34,17 @@ _GLOBAL_HOOKS = (
     "_global_backward_pre_hooks",
 )  # fmt: skip
 
-# A step: a Linear as (weight entry, bias entry or -1, in_features, None), any other module
-# as (-1, -1, 0, module).
-_Step = tuple[int, int, int, "nn.Module | None"]
-# What a plan assumed of each module it visited: (module, training, children, Dropout's p or
-# None).
-_Seen = tuple[nn.Module, bool, tuple[nn.Module | None, ...], Any]
+# A step: (kind, weight entry, bias entry or -1, in_features, module or None).
+LINEAR, ELEMENTWISE, FLATTEN = 0, 1, 2
+_Step = tuple[int, int, int, int, "nn.Module | None"]
+# What a plan assumed of each module it visited: (module, its class, training, children,
+# (Dropout's p, inplace)).
+_Seen = tuple[nn.Module, type, bool, tuple[nn.Module | None, ...], tuple[Any, Any]]
 
 
 class Plan:
     """The steps of one module tree, and what they assumed of it (rechecked before each use:
-    modes, hooks, children)."""
+    classes, instance-level ``forward``, modes, hooks, children, Dropout's rate, ``inplace``)."""
 
     __slots__ = ("root", "seen", "steps")
 
@@ -55,12 +55,13 @@ class Plan:
         """Whether the steps still describe ``root`` (cheap: no walk of the tree)."""
         if root is not self.root or _global_hooks():
             return False
-        for module, training, children, p in self.seen:
+        for module, cls, training, children, flags in self.seen:
             if (
-                module.training is not training
+                type(module) is not cls
+                or module.training is not training
                 or _hooked(module)
                 or tuple(module._modules.values()) != children
-                or (p is not None and module.__dict__.get("p") != p)
+                or _flags(module) != flags
             ):
                 return False
         return True
@@ -76,7 +77,7 @@ def plan(module: nn.Module, layout: FlatLayout, memo: dict[str, Any]) -> Plan | 
         return None
     steps: list[_Step] = []
     seen: list[_Seen] = []
-    if not _walk(module, "", layout, steps, seen) or all(s[3] is not None for s in steps):
+    if not _walk(module, "", layout, steps, seen) or all(s[0] != LINEAR for s in steps):
         return None  # (not such a tree, or no Linear in it)
     memo["batched"] = made = Plan(module, tuple(steps), tuple(seen))
     return made
@@ -87,45 +88,69 @@ def _global_hooks() -> bool:
 
 
 def _hooked(module: nn.Module) -> bool:
+    """Hooks, or a ``forward`` set on the instance: the call would not be the class's."""
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
         or module._backward_hooks
         or module._backward_pre_hooks
+        or "forward" in module.__dict__
+    )
+
+
+def _flags(module: nn.Module) -> tuple[Any, Any]:
+    """Plain attributes that change what a planned module does: Dropout's rate, ``inplace``."""
+    state = module.__dict__
+    return state.get("p"), state.get("inplace")
+
+
+def _called_as_torch_defines(cls: type) -> bool:
+    """``module(x)`` runs ``forward`` as ``nn.Module`` does (no override of the call path)."""
+    return (
+        cls.__call__ is nn.Module.__call__
+        and getattr(cls, "_call_impl", None) is nn.Module._call_impl
     )
 
 
 def _walk(
     module: nn.Module, prefix: str, layout: FlatLayout, steps: list[_Step], seen: list[_Seen]
 ) -> bool:
-    if _hooked(module):
+    cls = type(module)
+    if _hooked(module) or not _called_as_torch_defines(cls):
         return False
-    forward = type(module).forward
-    p = module.__dict__.get("p") if forward is nn.Dropout.forward else None  # (a float)
-    seen.append((module, module.training, tuple(module._modules.values()), p))
+    flags = _flags(module)
+    seen.append((module, cls, module.training, tuple(module._modules.values()), flags))
+    forward = cls.forward
     if forward is nn.Sequential.forward:
+        if getattr(cls, "__iter__", None) is not nn.Sequential.__iter__:  # (`for m in self`)
+            return False
         return all(  # every child, in order: one used twice runs twice (named_children dedups)
             child is not None and _walk(child, f"{prefix}{name}.", layout, steps, seen)
             for name, child in module._modules.items()
         )
     if forward is nn.Linear.forward:
         weight, bias = f"{prefix}weight", f"{prefix}bias"
-        if weight not in layout or len(layout[weight].shape) != 2:
+        if weight not in layout or len(layout[weight].shape) != 2 or 0 in layout[weight].shape:
             return False  # (a parametrized or frozen weight: not a slice of the vector)
         if bias not in layout and getattr(module, "bias", None) is not None:
             return False
         at = layout.position
         steps.append(
-            (at(weight), at(bias) if bias in layout else -1, layout[weight].shape[1], None)
+            (LINEAR, at(weight), at(bias) if bias in layout else -1, layout[weight].shape[1], None)
         )
         return True
-    if module._parameters or module._buffers or module._modules:
+    if module._parameters or module._buffers or module._modules or flags[1]:
+        return False  # (inplace: the loop would change a shared input once per member)
+    if forward is nn.Dropout.forward:
+        if module.training and flags[0] != 0:
+            return False  # (random: a mask per member)
+        kind = ELEMENTWISE
+    elif forward in _FORWARDS:
+        kind = FLATTEN if forward is nn.Flatten.forward else ELEMENTWISE
+    else:
         return False
-    dropout = forward is nn.Dropout.forward
-    plain = (not module.training or p == 0) if dropout else forward in _FORWARDS
-    if plain:
-        steps.append((-1, -1, 0, module))
-    return plain
+    steps.append((kind, -1, -1, 0, module))
+    return True
 
 
 def run(made: Plan, rows: Sequence[Tensor], x: Tensor, batched: bool) -> Tensor | None:
@@ -142,18 +167,19 @@ def run(made: Plan, rows: Sequence[Tensor], x: Tensor, batched: bool) -> Tensor 
     first = rows[0]
     if x.dtype != first.dtype or x.device != first.device or x.layout != torch.strided:
         return None
-    if torch.is_autocast_enabled(x.device.type):
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return None  # (autocast casts F.linear and bmm by different lists)
     population = first.shape[0]
     lead: tuple[int, ...] | None = None  # set while x is feature-major: a member's lead dims
-    for w_at, b_at, in_features, module in made.steps:
-        if module is not None:
-            if not batched or type(module) is not nn.Flatten:
-                x = type(module).forward(module, x)  # (no hooks anywhere: the plan holds)
-                continue
+    for kind, w_at, b_at, in_features, module in made.steps:
+        if kind == ELEMENTWISE or (kind == FLATTEN and not batched):
+            x = type(module).forward(module, x)  # type: ignore[union-attr]  # (plan holds)
+            continue
+        if kind == FLATTEN:  # of each member's dimensions
             if lead is not None:
-                x, lead = x.transpose(1, 2).reshape(population, *lead, x.shape[1]), None
-            x = _flatten(module, x)  # type: ignore[assignment]
+                x, lead = _natural(x, population, lead), None
+            x = _flatten(module, x)  # type: ignore[arg-type,assignment]
             if x is None:
                 return None
             continue
@@ -174,7 +200,13 @@ def run(made: Plan, rows: Sequence[Tensor], x: Tensor, batched: bool) -> Tensor 
         x = torch.bmm(weight, x) if b_at < 0 else torch.baddbmm(rows[b_at].unsqueeze(2), weight, x)
     if lead is None:
         return x if batched else None
-    return x.transpose(1, 2).reshape(population, *lead, x.shape[1])
+    return _natural(x, population, lead)
+
+
+def _natural(x: Tensor, population: int, lead: tuple[int, ...]) -> Tensor:
+    """Feature-major ``(population, features, rows)`` back to ``(population, *lead, features)``,
+    contiguous (as the loop's stacked outputs are)."""
+    return x.transpose(1, 2).contiguous().view(population, *lead, x.shape[1])
 
 
 def _flatten(module: nn.Flatten, x: Tensor) -> Tensor | None:

@@ -90,9 +90,10 @@ def call_population(
         if strategy == "batched" and job.steps is None:
             raise ValueError(
                 "strategy 'batched' takes a module tree of nn.Sequential, nn.Linear, elementwise "
-                "activations, nn.Flatten and inactive nn.Dropout, without hooks or buffers, "
-                "called with one tensor and no keyword inputs; this call is not one: use "
-                "'auto', 'vmap' or 'loop'"
+                "activations (not inplace), nn.Flatten and inactive nn.Dropout, as torch defines "
+                "them (no hooks, no patched forward or __call__), without buffers, called with "
+                "one tensor and no keyword inputs; this call is not one: use 'auto', 'vmap' or "
+                "'loop'"
             )
     go = _dispatch(job, strategy, may_vmap, plans if plans is not None else {})
     # members sharing the module's own buffers: a raise in member k undoes members 0..k-1 too
