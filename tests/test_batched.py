@@ -271,6 +271,8 @@ def test_dropout_rate_changes_and_odd_attributes() -> None:
     r.population_strategy = "batched"
     x, thetas = torch.randn(4, 5), torch.randn(3, r.param_numel)
     torch.testing.assert_close(r(x, flat_param=thetas), _loop(r, thetas, x, per_member=False))
+    r.module[0].p = torch.tensor([3.0, 4.0])  # (not Dropout's rate: no part of the plan)
+    torch.testing.assert_close(r(x, flat_param=thetas), _loop(r, thetas, x, per_member=False))
     drop.p = 0.5  # now random: the remembered plan no longer holds
     with pytest.raises(ValueError, match="strategy 'batched' takes"):
         r(x, flat_param=thetas)

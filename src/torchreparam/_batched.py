@@ -99,7 +99,11 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def _flags(module: nn.Module) -> tuple[Any, Any]:
-    """Plain attributes that change what a planned module does: Dropout's rate, ``inplace``."""
+    """Plain attributes that change what a planned module does: Dropout's rate, ``inplace``
+    (read only from the modules that have them: another module's ``p`` may be a tensor)."""
+    forward = type(module).forward
+    if forward is not nn.Dropout.forward and forward not in _FORWARDS:
+        return None, None
     state = module.__dict__
     return state.get("p"), state.get("inplace")
 
