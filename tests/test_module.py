@@ -243,3 +243,28 @@ def test_fresh_flat_param_draws_a_new_initialization_and_touches_nothing() -> No
             module.reset_parameters()
     assert torch.equal(theta, torch.cat([p.reshape(-1) for p in expected.parameters()]))
     assert not torch.equal(theta, r.flat_param)
+
+
+def test_hooks_and_compilation_of_the_wrapper_itself_still_run() -> None:
+    # The wrapper's __call__ skips nn.Module's call path only when that path has nothing to do.
+    r, twin, (x,) = build("mlp")
+    theta = torch.randn(r.param_numel)
+    expected = reference(twin, r.layout, theta, (x,))
+    seen: list[str] = []
+    pre = r.register_forward_pre_hook(lambda m, args, kwargs: (args, kwargs), with_kwargs=True)
+    post = r.register_forward_hook(lambda m, args, out: out * 2)
+    torch.testing.assert_close(r(x, flat_param=theta), 2 * expected)
+    pre.remove()
+    post.remove()
+    glob = nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: seen.append(type(m).__name__)
+    )
+    try:
+        torch.testing.assert_close(r(x, flat_param=theta), expected)
+    finally:
+        glob.remove()
+    assert seen[-1] == "ReparamModule"
+    torch.testing.assert_close(r(x, flat_param=theta), expected)  # and without any
+    r.compile(backend="eager", fullgraph=True)
+    assert r._compiled_call_impl is not None
+    torch.testing.assert_close(r(x, flat_param=theta), expected)

@@ -8,6 +8,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import (  # dicts that register_module_*_hook fill in place
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -22,6 +28,10 @@ from ._layout import FlatLayout, Include, aliases_of, select_parameters
 from ._population import Strategy, call_population, population_buffers
 from ._state_dict import as_wrapper_format, drop_managed_keys, end_flat_load, restore, snapshot
 from ._trace import Traced
+
+_tracing_state = torch._C._get_tracing_state
+_compiling = torch.compiler.is_compiling
+
 
 __all__ = ["ReparamModule"]
 
@@ -108,6 +118,28 @@ class ReparamModule(nn.Module):
         """The :class:`FlatLayout` of ``flat_param``: names, shapes, offsets, tied aliases."""
         return self._core.layout
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # nn.Module's call path (``_wrapped_call_impl`` -> ``_call_impl`` -> ``forward``), two
+        # frames shorter when it has nothing to do: no hooks, not compiled, not traced. The same
+        # conditions as ``_call_impl``'s own fast path; anything else takes nn.Module's path.
+        if (
+            self._compiled_call_impl is None
+            and not (
+                self._forward_pre_hooks
+                or self._forward_hooks
+                or self._backward_pre_hooks
+                or self._backward_hooks
+                or _global_forward_pre_hooks
+                or _global_forward_hooks
+                or _global_backward_pre_hooks
+                or _global_backward_hooks
+            )
+            and not _tracing_state()
+            and not _compiling()
+        ):
+            return self.forward(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
     def forward(
         self,
         *inputs: Any,
@@ -138,9 +170,11 @@ class ReparamModule(nn.Module):
             TypeError, ValueError: ``flat_param``, ``buffers`` or ``in_dims`` do not fit the
                 module (raised before anything is touched).
         """
+        module: nn.Module = self._modules["module"]  # type: ignore[assignment]  # (self.module
+        # goes through nn.Module.__getattr__: slower, on every call)
         if isinstance(flat_param, Tensor) and flat_param.dim() == 2:
             return call_population(
-                self._core, self.module, inputs, kwargs, flat_param, buffers, in_dims,
+                self._core, module, inputs, kwargs, flat_param, buffers, in_dims,
                 self.population_strategy, self._plans,
             )  # fmt: skip
         if in_dims is not None:
@@ -151,7 +185,7 @@ class ReparamModule(nn.Module):
         traced = self._traced
         if traced is not None and not kwargs and traced.accepts(flat_param, inputs):
             return traced(flat_param, buffers, inputs)
-        return call(self._core, self.module, inputs, kwargs, flat_param, buffers)
+        return call(self._core, module, inputs, kwargs, flat_param, buffers)
 
     def pure(
         self,
