@@ -16,7 +16,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as _module_globals
+from torch.nn.modules.module import (  # dicts that register_module_*_hook fill in place
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 
 from ._layout import FlatLayout
 
@@ -29,17 +34,12 @@ _ELEMENTWISE = (
     nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
 )  # fmt: skip
 _FORWARDS = frozenset(cls.forward for cls in (*_ELEMENTWISE, nn.Flatten))
-_GLOBAL_HOOKS = (
-    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-    "_global_backward_pre_hooks",
-)  # fmt: skip
 
 # A step: (kind, weight entry, bias entry or -1, in_features, module or None).
 LINEAR, ELEMENTWISE, FLATTEN = 0, 1, 2
 _Step = tuple[int, int, int, int, "nn.Module | None"]
-# What a plan assumed of each module it visited: (module, its class, training, children,
-# (Dropout's p, inplace)).
-_Seen = tuple[nn.Module, type, bool, tuple[nn.Module | None, ...], tuple[Any, Any]]
+# What a plan assumed of each module it visited: (module, its state then; see _state).
+_Seen = tuple[nn.Module, tuple[Any, ...]]
 
 
 class Plan:
@@ -55,16 +55,7 @@ class Plan:
         """Whether the steps still describe ``root`` (cheap: no walk of the tree)."""
         if root is not self.root or _global_hooks():
             return False
-        for module, cls, training, children, flags in self.seen:
-            if (
-                type(module) is not cls
-                or module.training is not training
-                or _hooked(module)
-                or tuple(module._modules.values()) != children
-                or _flags(module) != flags
-            ):
-                return False
-        return True
+        return all(_state(module) == state for module, state in self.seen)
 
 
 def plan(module: nn.Module, layout: FlatLayout, memo: dict[str, Any]) -> Plan | None:
@@ -84,28 +75,38 @@ def plan(module: nn.Module, layout: FlatLayout, memo: dict[str, Any]) -> Plan | 
 
 
 def _global_hooks() -> bool:
-    return any(getattr(_module_globals, name, None) for name in _GLOBAL_HOOKS)
+    return bool(
+        _global_forward_hooks
+        or _global_forward_pre_hooks
+        or _global_backward_hooks
+        or _global_backward_pre_hooks
+    )
 
 
 def _hooked(module: nn.Module) -> bool:
     """Hooks, or a ``forward`` set on the instance: the call would not be the class's."""
+    state = module.__dict__
     return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or "forward" in module.__dict__
+        state["_forward_hooks"]
+        or state["_forward_pre_hooks"]
+        or state["_backward_hooks"]
+        or state["_backward_pre_hooks"]
+        or "forward" in state
     )
 
 
-def _flags(module: nn.Module) -> tuple[Any, Any]:
-    """Plain attributes that change what a planned module does: Dropout's rate, ``inplace``
-    (read only from the modules that have them: another module's ``p`` may be a tensor)."""
-    forward = type(module).forward
-    if forward is not nn.Dropout.forward and forward not in _FORWARDS:
-        return None, None
+def _state(module: nn.Module) -> tuple[Any, ...]:
+    """What a plan of ``module`` depends on: its class, hooks, children, and the plain
+    attributes that change what it does (Dropout's mode and rate, ``inplace``; read only from
+    the modules that have them: another module's ``p`` may be a tensor)."""
+    cls = type(module)
     state = module.__dict__
-    return state.get("p"), state.get("inplace")
+    hooked = _hooked(module)
+    forward = cls.forward
+    if forward is nn.Dropout.forward or forward in _FORWARDS:
+        return cls, hooked, state["training"], state.get("p"), state.get("inplace")
+    modules = state["_modules"]
+    return cls, hooked, tuple(modules.values()) if modules else ()
 
 
 def _called_as_torch_defines(cls: type) -> bool:
@@ -122,8 +123,7 @@ def _walk(
     cls = type(module)
     if _hooked(module) or not _called_as_torch_defines(cls):
         return False
-    flags = _flags(module)
-    seen.append((module, cls, module.training, tuple(module._modules.values()), flags))
+    seen.append((module, _state(module)))
     forward = cls.forward
     if forward is nn.Sequential.forward:
         if getattr(cls, "__iter__", None) is not nn.Sequential.__iter__:  # (`for m in self`)
@@ -143,10 +143,11 @@ def _walk(
             (LINEAR, at(weight), at(bias) if bias in layout else -1, layout[weight].shape[1], None)
         )
         return True
-    if module._parameters or module._buffers or module._modules or flags[1]:
+    inplace, p = module.__dict__.get("inplace"), module.__dict__.get("p")
+    if module._parameters or module._buffers or module._modules or inplace:
         return False  # (inplace: the loop would change a shared input once per member)
     if forward is nn.Dropout.forward:
-        if module.training and flags[0] != 0:
+        if module.training and p != 0:
             return False  # (random: a mask per member)
         kind = ELEMENTWISE
     elif forward in _FORWARDS:
