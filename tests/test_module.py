@@ -268,3 +268,15 @@ def test_hooks_and_compilation_of_the_wrapper_itself_still_run() -> None:
     r.compile(backend="eager", fullgraph=True)
     assert r._compiled_call_impl is not None
     torch.testing.assert_close(r(x, flat_param=theta), expected)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # (checks on shapes: specialized)
+def test_jit_trace_of_a_function_that_calls_the_wrapper_with_a_vector() -> None:
+    # (the tracer records every op on a tensor; the module's own flat_param must not be one)
+    r, twin, (x,) = build("mlp")
+    theta = torch.randn(r.param_numel)
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda inp, t: r(inp, flat_param=t), (x, theta))
+        other = torch.randn(r.param_numel)
+        torch.testing.assert_close(traced(x, other), reference(twin, r.layout, other, (x,)))

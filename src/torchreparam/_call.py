@@ -40,7 +40,7 @@ def resolve(
         assert ref is not None  # registered by the wrapper
         ok = (
             type(flat_param) in PLAIN
-            and flat_param.shape == ref.shape
+            and flat_param.shape == core.flat_shape  # (not ref.shape: a traced op under jit)
             and flat_param.dtype == ref.dtype
             and flat_param.device == ref.device
         )

@@ -74,6 +74,7 @@ class Core:
         buffer_sites: dict[str, tuple[nn.Module, str]],
     ) -> None:
         self.layout = layout
+        self.flat_shape = torch.Size([layout.numel])
         self.views = ViewMaker(layout)
         self.holder = holder  # the module whose ``flat_param`` parameter backs the tree
         # buffers in module.buffers() order: full name -> (owning module, local name)
