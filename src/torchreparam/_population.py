@@ -157,13 +157,15 @@ class _Job:
 
     def key(self) -> tuple[Any, ...]:
         """What the faster strategy depends on: sizes, dtypes, grad, train/eval modes."""
+        if self.steps is not None:  # one tensor input; the modes that matter are in the plan
+            (x,) = self.args
+            grad = torch.is_grad_enabled() and (self.thetas.requires_grad or x.requires_grad)
+            return (self.thetas.shape, self.dims, x.shape, x.dtype, grad)
         shapes = tuple((a.shape, a.dtype) if isinstance(a, Tensor) else type(a) for a in self.args)
         grad = torch.is_grad_enabled() and (
             self.thetas.requires_grad
             or any(isinstance(a, Tensor) and a.requires_grad for a in self.args)
         )
-        if self.steps is not None:  # (its modes are in the plan: a mode that matters, none)
-            return (self.thetas.shape, self.dims, (), shapes, grad, None)
         modes = (
             tuple(m.training for m in self.fn.modules()) if isinstance(self.fn, nn.Module) else ()
         )
@@ -228,7 +230,7 @@ def _auto(job: _Job, plans: dict[Any, str]) -> Any:
         trial = None if job.buffers is None else [b.clone() for b in job.buffers]
         name, candidate = "vmap", lambda thetas: job.vmap(trial, thetas)
     try:
-        batched_seconds = _trial(job, candidate, needs_grad=key[4])
+        batched_seconds = _trial(job, candidate, needs_grad=key[4])  # (key[4]: grad, both forms)
     except Exception:  # an op without a batching rule, for example: the loop always works
         batched_seconds = float("inf")
     start = time.perf_counter()
