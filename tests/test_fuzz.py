@@ -126,7 +126,9 @@ def architectures(draw: st.DrawFn) -> Arch:
             part, width = lin, out
             if lin.in_features == lin.out_features:
                 squares.append(lin)
-        elif kind == "layernorm":
+        elif kind == "layernorm" and width > 1:
+            # (over one feature, LayerNorm's output is its bias whatever the input, and float32
+            # rounding divided by sqrt(eps) makes the gradients of two equal computations differ)
             part = nn.LayerNorm(width, elementwise_affine=draw(st.booleans()))
         elif kind == "conv":
             part, width = (
@@ -215,9 +217,14 @@ def _random_buffers(r: ReparamModule, data: st.DataObject, *batch: int) -> dict[
 
 
 def _close(actual: Tensor, expected: Tensor, what: str, loose: bool = False) -> None:
-    """``loose``: vmap against the loop, in float32 (a LayerNorm over one feature amplifies a
-    rounding residue by 1/sqrt(eps): gradients of 1e-5 against exact zeros)."""
-    tol = {"rtol": 1e-4, "atol": 1e-4} if loose and actual.dtype == torch.float32 else {}
+    """``loose``: batched kernels against the loop, in float32, where the two round differently
+    and the random models amplify it (normalizations over one or two features, softmax over one
+    key): an absolute tolerance relative to the largest value (1e-4 of it), not to each element
+    (a gradient of 0.03 beside one of 12 is 1% off after a rounding of 3e-5 of the scale)."""
+    tol = {}
+    if loose and actual.dtype == torch.float32:
+        scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+        tol = {"rtol": 1e-4, "atol": 1e-4 * scale}
     torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}: {m}")
 
 
