@@ -121,9 +121,10 @@ def _walk(
     module: nn.Module, prefix: str, layout: FlatLayout, steps: list[_Step], seen: list[_Seen]
 ) -> bool:
     cls = type(module)
-    if _hooked(module) or not _called_as_torch_defines(cls):
+    state = _state(module)
+    if state[1] or not _called_as_torch_defines(cls):  # (state[1]: hooked)
         return False
-    seen.append((module, _state(module)))
+    seen.append((module, state))
     forward = cls.forward
     if forward is nn.Sequential.forward:
         if getattr(cls, "__iter__", None) is not nn.Sequential.__iter__:  # (`for m in self`)

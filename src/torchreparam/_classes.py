@@ -43,13 +43,18 @@ _Spec = tuple[
 _CLASSES: weakref.WeakValueDictionary[_Spec, type] = weakref.WeakValueDictionary()
 
 
+def _compiled_param(core: Core, slot: int) -> Tensor:
+    """While dynamo traces: the vector bound on the core (no ContextVar), else the own views."""
+    compiled = core.compiled
+    bound = None if compiled is None else compiled[0]
+    return bound[slot] if bound is not None else core.own_views()[slot]
+
+
 def _param_property(name: str, slot: int) -> property:
     def fget(module: nn.Module) -> Tensor:
         core: Core = module.__dict__[CORE_KEY]
         if _is_dynamo():
-            compiled = core.compiled
-            bound = None if compiled is None else compiled[0]
-            return bound[slot] if bound is not None else core.own_views()[slot]
+            return _compiled_param(core, slot)
         chain = binding = _active()  # the hot path: inlined innermost(core)
         while binding is not None:
             if binding[0] is core:
@@ -70,9 +75,7 @@ def _writable_param_property(name: str, slot: int) -> property:
     def fget(module: nn.Module) -> Tensor:
         core: Core = module.__dict__[CORE_KEY]
         if _is_dynamo():
-            compiled = core.compiled
-            bound = None if compiled is None else compiled[0]
-            return bound[slot] if bound is not None else core.own_views()[slot]
+            return _compiled_param(core, slot)
         binding = innermost(core)
         params = None if binding is None else binding[1]
         if params is None or params is core.cached_views():
