@@ -36,7 +36,7 @@ def resolve(
         else:
             params, guard = (None if lazy_own else core.own_views()), False
     else:
-        ref = core.holder._parameters["flat_param"]
+        ref = core.params["flat_param"]
         assert ref is not None  # registered by the wrapper
         ok = (
             type(flat_param) in PLAIN
@@ -81,7 +81,7 @@ def call(
         return transactional(core, fn, args, kwargs)
     params, bufs, guard = resolve(core, flat_param, buffers)
     if bufs is None:  # the module's own buffers: undone if the call raises
-        if not core.buffer_sites or not atomic:
+        if not core.buffer_names or not atomic:
             return call_bound(core, params, None, fn, args, kwargs, guard)
         return transactional(core, call_bound, (core, params, None, fn, args, kwargs, guard), {})
     given = list(bufs)

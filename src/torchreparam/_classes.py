@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ._inject import (
+    CHAIN,
     CORE_KEY,
     Core,
     Writable,
@@ -44,10 +45,15 @@ _CLASSES: weakref.WeakValueDictionary[_Spec, type] = weakref.WeakValueDictionary
 
 
 def _compiled_param(core: Core, slot: int) -> Tensor:
-    """While dynamo traces: the vector bound on the core (no ContextVar), else the own views."""
-    compiled = core.compiled
-    bound = None if compiled is None else compiled[0]
-    return bound[slot] if bound is not None else core.own_views()[slot]
+    """While dynamo traces: the innermost binding on this thread's chain, else the own views
+    (dynamo reads the ``threading.local`` chain; the recomputation guard is eager-only)."""
+    binding = CHAIN.top
+    while binding is not None:
+        if binding[0] is core:
+            params = binding[1]
+            return params[slot] if params is not None else core.own_views()[slot]
+        binding = binding[3]
+    return core.own_views()[slot]
 
 
 def _param_property(name: str, slot: int) -> property:
@@ -56,6 +62,9 @@ def _param_property(name: str, slot: int) -> property:
         if _is_dynamo():
             return _compiled_param(core, slot)
         chain = binding = _active()  # the hot path: inlined innermost(core)
+        top = CHAIN.top
+        if top is not binding and top is not None and top[5]:
+            chain = binding = top  # made by compiled code: see _inject.current
         while binding is not None:
             if binding[0] is core:
                 if binding[4]:  # a caller's vector while autograd records
@@ -123,7 +132,8 @@ def _derived_property(attr: str, names: tuple[str | None, ...]) -> property:
     are ignored (the module only ever stores the same derivation there)."""
 
     def fget(module: nn.Module) -> list[Tensor | None]:
-        if "_parameters" not in module.__dict__[CORE_KEY].holder.__dict__:
+        params = getattr(module.__dict__[CORE_KEY], "params", None)
+        if params is None or "flat_param" not in params:
             return [None] * len(names)  # mid-unpickling: the wrapper is not filled in yet
         return [None if name is None else getattr(module, name) for name in names]
 

@@ -3,19 +3,26 @@
 
 Each submodule that holds a managed parameter (or any buffer) gets a generated subclass of its
 own class whose parameter and buffer names are properties. A property looks up the innermost
-binding of this module tree in a ``ContextVar`` (so each thread, and each nested call, sees its
-own tensors) and otherwise returns the module's own weights: cached views of ``flat_param``.
-Nothing on the module is ever swapped in or out, so nothing has to be put back after a call,
-whatever it raised.
+binding of this module tree and otherwise returns the module's own weights: cached views of
+``flat_param``. Nothing on the module is ever swapped in or out, so nothing has to be put back
+after a call, whatever it raised.
 
-``torch.compile`` cannot trace ``ContextVar``; while compiling, bindings live on the core
-instead (the compiled graph takes the tensors as inputs, so it needs no per-thread state).
+Where bindings live. Every binding is pushed on a per-thread chain (a ``threading.local``),
+which ``torch.compile`` traces, reads and writes, across graph breaks and without recompiling
+for new tensors: compiled code, eager code run between two graphs, and a compiled submodule
+inside an eager call all see the same bindings. Eager bindings are also kept in a
+``ContextVar``, which each asyncio task has its own copy of, and eager reads go through it: a
+``with r.unflattened_param(theta)`` block that spans an ``await`` is seen by its own task only.
+(The limit: compiled code of another task on the same thread, running while such a block is
+suspended, would see it. Compiled code that awaits inside such a block is rare; it is documented.)
 """
 
 from __future__ import annotations
 
 import contextvars
 import dataclasses
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,23 +34,48 @@ from ._checks import is_dtensor
 from ._layout import FlatLayout
 from ._views import ViewMaker
 
-__all__ = ["CORE_KEY", "Core", "Writable", "bind", "call_bound", "innermost", "run_in"]
+__all__ = ["CHAIN", "CORE_KEY", "Core", "Writable", "bind", "call_bound", "innermost", "run_in"]
 
 CORE_KEY = "_torchreparam_core"
 
 
-# A binding is ``(core, params, buffers, outer, guard)``: the tensors one call (or ``with``
-# block) puts into one module tree, linked to the binding it shadows; ``guard`` is set when the
-# params are a caller's vector bound while autograd records (checkpoint recomputation must see
-# them).
+# A binding is ``(core, params, buffers, outer, guard, traced)``: the tensors one call (or
+# ``with`` block) puts into one module tree, linked to the binding it shadows; ``guard`` is set
+# when the params are a caller's vector bound while autograd records (checkpoint recomputation
+# must see them); ``traced`` when the binding was made by code that dynamo traced.
 # Tuples: the getters read them on every attribute access; nothing is cheaper to build and index.
-_Binding = tuple  # (Core, tuple[Tensor, ...], list[Tensor] | None, _Binding | None, bool)
+_Binding = tuple  # (Core, tuple[Tensor, ...], list[Tensor] | None, _Binding | None, bool, bool)
 
 _ACTIVE: contextvars.ContextVar[_Binding | None] = contextvars.ContextVar(
     "torchreparam_active", default=None
 )
 _active = _ACTIVE.get
 _is_dynamo = torch.compiler.is_dynamo_compiling  # ContextVar is opaque to dynamo: avoid it there
+
+
+def _dead() -> None:
+    return None
+
+
+class _Chain(threading.local):
+    """This thread's innermost binding, eager or traced (what compiled code reads)."""
+
+    def __init__(self) -> None:  # run in every thread on its first access
+        self.top: _Binding | None = None  # an instance attribute: dynamo guards on the dict
+
+
+CHAIN = _Chain()
+
+
+def current() -> _Binding | None:
+    """The innermost binding this code should see (the head of the chain to search)."""
+    if _is_dynamo():
+        return CHAIN.top
+    chain = _active()
+    top = CHAIN.top
+    if top is not chain and top is not None and top[5]:
+        return top  # made by compiled code (its graph broke here, or it called eager code)
+    return chain
 
 
 class Writable(tuple):
@@ -55,10 +87,7 @@ class Writable(tuple):
 
 def innermost(core: Core) -> _Binding | None:
     """This thread's innermost binding of ``core``'s tree, if any."""
-    if _is_dynamo():
-        compiled = core.compiled
-        return None if compiled is None else (core, compiled[0], compiled[1], None, False)
-    binding = _active()
+    binding = current()
     while binding is not None and binding[0] is not core:
         binding = binding[3]
     return binding
@@ -76,11 +105,17 @@ class Core:
         self.layout = layout
         self.flat_shape = torch.Size([layout.numel])
         self.views = ViewMaker(layout)
-        self.holder = holder  # the module whose ``flat_param`` parameter backs the tree
+        # The wrapper holds ``flat_param`` in its ``_parameters`` dict; the core keeps that dict
+        # (``.to()``, FSDP and ``load_state_dict(assign=True)`` replace the entry, never the
+        # dict) and only a weak reference to the wrapper: the unwrapped module keeps working
+        # without it, and a dropped model is freed at once (no reference cycle).
+        self.params = holder._parameters
+        self._holder = weakref.ref(holder)
         # buffers in module.buffers() order: full name -> (owning module, local name)
         self.buffer_names = tuple(buffer_sites)
-        self.buffer_sites = tuple(buffer_sites.values())
-        self.compiled: tuple[tuple[Tensor, ...] | None, list[Tensor] | None] | None = None
+        # (weakly: the modules reference this core, and a cycle would keep a dropped model,
+        # and its memory, alive until a full garbage collection)
+        self._sites = tuple((weakref.ref(m), name) for m, name in buffer_sites.values())
         self.loading_flat = False  # a wrapper-format state dict is being loaded
         self.applying = False  # the holder's _apply is converting the whole tree
         self.writes = False  # a module of the tree writes its weights in place (WRITES_WEIGHTS)
@@ -90,17 +125,40 @@ class Core:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_cache"] = None  # views are derived; they are rebuilt on first use
-        state["compiled"] = None
+        state["_holder"] = self._holder()  # strong references for the copy; see __setstate__
+        state["_sites"] = self.buffer_sites
         state["memo"] = {}
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        holder = state.pop("_holder")
+        sites = state.pop("_sites")
+        self.__dict__.update(state)
+        self._holder = _dead if holder is None else weakref.ref(holder)
+        self._sites = tuple((weakref.ref(m), name) for m, name in sites)
+
+    @property
+    def buffer_sites(self) -> tuple[tuple[nn.Module, str], ...]:
+        """Where each buffer lives, in ``module.buffers()`` order: (owning module, local name)."""
+        return tuple((ref(), name) for ref, name in self._sites)  # type: ignore[misc]
+
+    @property
+    def holder(self) -> nn.Module:
+        """A module whose ``_parameters`` hold ``flat_param``: the wrapper, or (once the
+        wrapper is gone) a bare module over the same dict, so that conversions still apply."""
+        holder = self._holder()
+        if holder is None:
+            holder = nn.Module()
+            holder._parameters = self.params
+        return holder
+
     def flat(self) -> Tensor:
         """The current flat parameter (looked up each time: ``.to()`` or FSDP may replace it)."""
-        return self.holder._parameters["flat_param"]  # type: ignore[return-value]
+        return self.params["flat_param"]  # type: ignore[return-value]
 
     def own_views(self) -> tuple[Tensor, ...]:
         """Views of ``flat_param``, cached until it is modified in place, moved or replaced."""
-        flat = self.holder._parameters["flat_param"]
+        flat = self.params["flat_param"]
         if _is_dynamo():  # the graph reads flat_param itself: no cache, no version checks
             return self.views.traceable(flat)  # type: ignore[arg-type]
         if is_dtensor(flat):
@@ -172,17 +230,21 @@ def bind(
 ) -> Iterator[None]:
     """Within the block, this thread's calls of the tree see ``params`` and ``buffers``."""
     if _is_dynamo():
-        outer = core.compiled
-        core.compiled = (params, buffers)
+        outer = CHAIN.top
+        CHAIN.top = (core, params, buffers, outer, False, True)
         try:
             yield
         finally:
-            core.compiled = outer
+            CHAIN.top = outer
         return
-    token = _ACTIVE.set((core, params, buffers, _active(), guard))
+    top = CHAIN.top
+    binding = (core, params, buffers, current(), guard, False)
+    token = _ACTIVE.set(binding)
+    CHAIN.top = binding
     try:
         yield
     finally:
+        CHAIN.top = top
         _ACTIVE.reset(token)
 
 
@@ -199,17 +261,26 @@ def call_bound(
     if _is_dynamo():
         with bind(core, params, buffers):
             return fn(*args, **kwargs)
-    token = _ACTIVE.set((core, params, buffers, _active(), guard))
+    chain = _active()
+    top = CHAIN.top
+    outer = top if top is not chain and top is not None and top[5] else chain  # current()
+    binding = (core, params, buffers, outer, guard, False)
+    token = _ACTIVE.set(binding)
+    CHAIN.top = binding
     try:
         return fn(*args, **kwargs)
     finally:
+        CHAIN.top = top
         _ACTIVE.reset(token)
 
 
 def run_in(chain: _Binding | None, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     """``fn(*args)`` with the bindings ``chain`` active (checkpoint recomputation)."""
+    top = CHAIN.top
     token = _ACTIVE.set(chain)
+    CHAIN.top = chain
     try:
         return fn(*args)
     finally:
+        CHAIN.top = top
         _ACTIVE.reset(token)
