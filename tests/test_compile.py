@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import build, reference
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
+
 from torchreparam._inject import CHAIN
 
 

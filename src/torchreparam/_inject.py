@@ -110,7 +110,7 @@ class Core:
         # dict) and only a weak reference to the wrapper: the unwrapped module keeps working
         # without it, and a dropped model is freed at once (no reference cycle).
         self.params = holder._parameters
-        self._holder = weakref.ref(holder)
+        self._holder: Callable[[], nn.Module | None] = weakref.ref(holder)
         # buffers in module.buffers() order: full name -> (owning module, local name)
         self.buffer_names = tuple(buffer_sites)
         # (weakly: the modules reference this core, and a cycle would keep a dropped model,
