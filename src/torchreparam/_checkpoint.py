@@ -193,7 +193,8 @@ def load_flat(
     Raises:
         StateDictMismatchError: the file does not fit ``layout``: missing or unexpected
             parameters, shapes or dtypes that differ (all listed, sorted).
-        ValueError: the file holds a trajectory, or has no layout and none was given.
+        ValueError: the file holds a trajectory, or has no layout and none was given, or its
+            stored layout cannot be read or calls tensors of the file aliases.
         ImportError: safetensors is not installed.
     """
     if layout is not None:
@@ -242,7 +243,9 @@ def load_checkpoint(path: PathLike, r: ReparamModule) -> dict[str, str]:
     """Load a file of :func:`save_checkpoint` (or any safetensors state dict of the model).
 
     Everything is checked against ``r.layout`` and ``r``'s buffers first; only then are the
-    values copied into ``r.flat_param`` and the buffers, in place.
+    values copied into ``r.flat_param`` and the buffers, in place. A model built on the meta
+    device (``with torch.device("meta"):``, no storage to copy into) takes the file's tensors
+    instead, on the CPU (as ``load_state_dict(..., assign=True)``); move it after.
 
     Returns:
         the user metadata saved with the file.
@@ -250,12 +253,15 @@ def load_checkpoint(path: PathLike, r: ReparamModule) -> dict[str, str]:
     Raises:
         StateDictMismatchError: missing or unexpected names, shapes or dtypes that differ (all
             listed, sorted); ``r`` is left unchanged.
+        ValueError: the file's stored layout cannot be read or calls tensors of the file
+            aliases; ``r`` is left unchanged.
         ImportError: safetensors is not installed.
     """
     _check_wrapper(r)
-    tensors, stored, metadata = _read(path, r.flat_param.device, "flat")
+    meta = r.flat_param.is_meta  # nothing to copy into: the file's tensors are kept
+    tensors, stored, metadata = _read(path, "cpu" if meta else r.flat_param.device, "flat")
     flat, rest = _resolve(tensors, stored, r.layout, _unwrapped(r.state_dict()), "file")
-    r.load_state_dict(to_wrapper_state_dict(flat, r.layout, buffers=rest))
+    r.load_state_dict(to_wrapper_state_dict(flat, r.layout, buffers=rest), assign=meta)
     return metadata
 
 

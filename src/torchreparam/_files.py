@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,32 +63,56 @@ def layout_from_json(text: str) -> FlatLayout:
     """The :class:`FlatLayout` that :func:`layout_to_json` wrote.
 
     Raises:
-        ValueError: ``text`` is not a layout's JSON, or was written by a newer version.
+        ValueError: ``text`` is not a layout's JSON (nested too deeply to read included), or
+            was written by a newer version.
     """
     try:
         data = json.loads(text)
+        if type(data["version"]) is not int:
+            raise ValueError(f"version {_short(data['version'])}: expected an integer")
         if data["version"] != LAYOUT_VERSION:
             raise ValueError(
-                f"version {data['version']!r}, and this torchreparam reads version "
+                f"version {_short(data['version'])}, and this torchreparam reads version "
                 f"{LAYOUT_VERSION}; upgrade torchreparam to read newer files"
             )
-        dtype = getattr(torch, data["dtype"]) if isinstance(data["dtype"], str) else None
+        dtype = getattr(torch, data["dtype"], None) if isinstance(data["dtype"], str) else None
         if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {data['dtype']!r}")
+            raise ValueError(f"unknown dtype {_short(data['dtype'])}")
+        if not isinstance(data["entries"], list):
+            raise ValueError(f"entries must be a list, got {_short(data['entries'])}")
         layout = FlatLayout(tuple(_entry_from_json(e) for e in data["entries"]), dtype)
         if layout.numel != data["numel"]:
-            raise ValueError(f"numel {data['numel']!r}, but the entries hold {layout.numel}")
+            raise ValueError(f"numel {_short(data['numel'])}, but the entries hold {layout.numel}")
+    except RecursionError:
+        # json.loads recurses once per level of nesting: '[' * 100000 exhausts the stack.
+        raise ValueError(
+            "not a torchreparam layout JSON: nested too deeply to read (a layout's JSON nests "
+            "4 levels); the text is corrupt or not a layout"
+        ) from None
     except (TypeError, KeyError, AttributeError, ValueError) as error:
-        raise ValueError(f"not a torchreparam layout JSON: {error}") from None
+        why = str(error)  # (it may quote a name from the text: cut short, as _short does)
+        why = why if len(why) <= 500 else f"{why[:240]}...{why[-240:]}"
+        raise ValueError(f"not a torchreparam layout JSON: {why}") from None
     return layout
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut short (a value read from a file may be huge or deeply nested)."""
+    return _REPR.repr(value)
+
+
 def _entry_from_json(data: Mapping[str, Any]) -> LayoutEntry:
+    if not isinstance(data, dict):
+        raise ValueError(f"each entry must be a JSON object, got {_short(data)}")
     name, shape, offset, aliases = data["name"], data["shape"], data["offset"], data["aliases"]
     if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in (offset, *shape)):
-        raise ValueError(f"entry {name!r}: shape and offset must be non-negative integers")
+        raise ValueError(f"entry {_short(name)}: shape and offset must be non-negative integers")
     if not isinstance(aliases, list) or not all(isinstance(n, str) for n in (name, *aliases)):
-        raise ValueError(f"entry {name!r}: name and aliases must be strings")
+        raise ValueError(f"entry {_short(name)}: name and aliases must be strings")
     return LayoutEntry(name, tuple(shape), offset, tuple(aliases))
 
 
@@ -127,7 +152,41 @@ def _stored_layout(meta: Mapping[str, str], path: PathLike, kind: str) -> FlatLa
             f"{what[kind]}; read it with {reader}"
         )
     text = meta.get(_LAYOUT_KEY)
-    return None if text is None else layout_from_json(text)
+    if text is None:
+        return None
+    try:
+        return layout_from_json(text)
+    except ValueError as error:
+        raise ValueError(
+            f"{os.fspath(path)}: the layout in its metadata ({_LAYOUT_KEY!r}) cannot be read: "
+            f"{error}; the file is damaged, or was not written by torchreparam "
+            "(safetensors.torch.load_file reads its tensors)"
+        ) from None
+
+
+def _check_aliases(tensors: Mapping[str, Tensor], layout: FlatLayout, path: PathLike) -> None:
+    """Refuse a file whose layout calls a tensor of the file an alias: a tied parameter is
+    stored once, under its entry's name, and its aliases are filled from it, which would
+    overwrite that tensor's values silently."""
+    clashes = [
+        (alias, entry.name)
+        for entry in layout
+        if entry.name in tensors
+        for alias in entry.aliases
+        if alias in tensors
+    ]
+    if clashes:
+        listed = "; ".join(
+            f"{alias!r} is declared an alias of {name!r}, yet the file holds a tensor "
+            f"{alias!r} besides {name!r}"
+            for alias, name in clashes
+        )
+        raise ValueError(
+            f"{os.fspath(path)} is inconsistent (nothing was loaded): {listed}. A tied "
+            "parameter is stored once, under its first name, and loading fills its aliases "
+            "from it, which would overwrite those tensors silently. Read its tensors with "
+            "safetensors.torch.load_file, or save the model again"
+        )
 
 
 def _user_metadata(meta: Mapping[str, str]) -> dict[str, str]:
@@ -170,4 +229,7 @@ def _read(
     with safe_open(os.fspath(path), framework="pt", device=str(device)) as file:
         tensors = {k: file.get_tensor(k) for k in file.keys()}  # noqa: SIM118
         meta: dict[str, str] = file.metadata() or {}
-    return tensors, _stored_layout(meta, path, kind), _user_metadata(meta)
+    stored = _stored_layout(meta, path, kind)
+    if stored is not None and kind == "flat":  # (a trajectory's tensors are not by name)
+        _check_aliases(tensors, stored, path)
+    return tensors, stored, _user_metadata(meta)

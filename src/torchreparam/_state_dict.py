@@ -72,29 +72,77 @@ def _from_module_format(
     wrapper: nn.Module, given: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, str], list[str], list[str]]:
     """A state dict of the unwrapped module in this wrapper's keys, with its problems:
-    (state dict, wrapper key -> the user's key, missing keys, mismatched shapes)."""
+    (state dict, wrapper key -> the user's key, missing keys, mismatched shapes).
+
+    The new ``flat_param`` takes the dtype and device of the given parameters when they all
+    agree (else ``flat_param``'s own): ``assign=True`` then keeps them, as torch keeps a plain
+    module's (and the layout's dtype follows), while a copy (``assign=False``) converts them
+    back. On the meta device (a model built under ``torch.device("meta")``) every parameter
+    must be given, since ``flat_param`` has no values to keep for the others."""
     layout = _layout(wrapper)
     ours = {"module." + k: v for k, v in given.items() if k not in layout}
     shown = {"module." + k: k for k in given if k not in layout}
     missing, mismatched = [], []
-    with torch.no_grad():
-        flat = wrapper.get_parameter("flat_param").detach().clone()
-        for entry in layout:
-            names = [n for n in (entry.name, *entry.aliases) if n in given]
-            if not names:
-                missing.append(entry.name)
-                continue
-            value = given[names[0]]
-            if isinstance(value, Tensor) and tuple(value.shape) == entry.shape:
-                flat[entry.slice] = value.reshape(-1)
-            else:
-                found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                mismatched.append(
-                    f"{names[0]}: shape {found} in the state dict, {entry.shape} in the module"
-                )
-    ours["flat_param"] = flat
+    current = wrapper.get_parameter("flat_param")
+    values: list[tuple[slice, Tensor]] = []
+    for entry in layout:
+        names = [n for n in (entry.name, *entry.aliases) if n in given]
+        if not names:
+            missing.append(entry.name)
+            continue
+        value = given[names[0]]
+        if not (isinstance(value, Tensor) and tuple(value.shape) == entry.shape):
+            found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            mismatched.append(
+                f"{names[0]}: shape {found} in the state dict, {entry.shape} in the module"
+            )
+        elif value.is_meta and not current.is_meta:
+            mismatched.append(f"{names[0]}: a meta tensor (no data) in the state dict")
+        elif not all(_same(given[n], value) for n in names[1:]):
+            mismatched.append(
+                f"{', '.join(names)}: tied in the module (one parameter) but not equal in the "
+                "state dict; give them equal values, or only one of the names"
+            )
+        else:
+            values.append((entry.slice, value))
+    if current.is_meta and missing and values:
+        mismatched.append(
+            "flat_param is on the meta device (no data), so every parameter must be given; "
+            f"missing {sorted(missing)} (or materialize the module first: r.to_empty(device=...))"
+        )
     shown["flat_param"] = "flat_param"
+    if mismatched:  # (raised by the caller: no vector is built)
+        ours["flat_param"] = current
+        return ours, shown, missing, mismatched
+    dtypes = {v.dtype for _, v in values}
+    devices = {v.device for _, v in values}
+    dtype = dtypes.pop() if len(dtypes) == 1 else current.dtype
+    if not dtype.is_floating_point and not dtype.is_complex:
+        dtype = current.dtype  # (a vector that may require grad holds floats)
+    if len(devices) == 1:
+        device = devices.pop()
+    elif current.is_meta:  # several devices: the first with data (a meta vector has none)
+        device = next(v.device for _, v in values if not v.is_meta)
+    else:
+        device = current.device
+    with torch.no_grad():
+        if current.is_meta and device.type != "meta":
+            flat = torch.empty(current.shape, dtype=dtype, device=device)
+        else:
+            flat = current.detach().to(dtype=dtype, device=device, copy=True)
+        for where, value in values:
+            flat[where] = value.reshape(-1)
+    ours["flat_param"] = flat
     return ours, shown, missing, mismatched
+
+
+def _same(a: object, b: Tensor) -> bool:
+    """Whether two values given for tied names are one value (the same tensor, or equal)."""
+    if a is b:
+        return True
+    if not (isinstance(a, Tensor) and a.shape == b.shape):
+        return False
+    return a.is_meta or b.is_meta or bool(torch.equal(a.to(b.device), b))
 
 
 def drop_managed_keys(
@@ -108,7 +156,11 @@ def drop_managed_keys(
 
 
 def end_flat_load(module: nn.Module, incompatible_keys: Any) -> None:
-    module.__dict__["_core"].loading_flat = False
+    """After loading: ``assign=True`` may have put in a ``flat_param`` of another dtype (as
+    torch keeps a state dict's dtype); the layout says so too, as after ``.double()``."""
+    core = module.__dict__["_core"]
+    core.loading_flat = False
+    core.follow_dtype()
 
 
 def snapshot(wrapper: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
@@ -128,3 +180,4 @@ def restore(wrapper: nn.Module, saved: dict[str, tuple[Tensor, Tensor]]) -> None
             else:
                 module._buffers[name] = tensor
             tensor.copy_(values)
+    wrapper.__dict__["_core"].follow_dtype()  # the layout's dtype as it was, too

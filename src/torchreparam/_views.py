@@ -5,7 +5,8 @@ Two paths give the same values and gradients:
 - the fast path (plain tensors in eager mode): one C++ call makes every view; when the flat
   vector requires grad, an ``autograd.Function`` wraps it so that the backward is a single
   ``torch.cat`` of the views' gradients (per-view ``narrow`` backwards would each build a
-  full-length gradient: O(tensors x N));
+  full-length gradient: O(tensors x N)), and whose ``jvp`` serves forward-mode AD (dual
+  vectors of ``torch.autograd.forward_ad``);
 - the traceable path (``torch.compile``, ``torch.jit.trace``, ``torch.func`` transforms, tensor
   subclasses, zero-size parameters): ``split`` + ``view``, plain aten ops every tracer knows.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from ._layout import FlatLayout
@@ -32,7 +34,14 @@ PLAIN = (Tensor, torch.nn.Parameter)  # the tensor types the C++ path takes (no 
 
 
 class _Unflatten(torch.autograd.Function):
-    """Views of ``flat`` shaped like ``refs``; backward: one differentiable ``cat``."""
+    """Views of ``flat`` shaped like ``refs``; backward: one differentiable ``cat``.
+
+    Each :class:`ViewMaker` calls a subclass of its own whose class attribute ``refs`` holds
+    its shape carriers (see :func:`_unflatten_for`): ``jvp``, which is handed no non-tensor
+    input, reads them there (``ctx._forward_cls.refs``), so the forward stores nothing on
+    ``ctx`` (an attribute set there would cost every call with a vector that requires grad)."""
+
+    refs: list[Tensor]
 
     @staticmethod
     def forward(ctx: Any, flat: Tensor, refs: list[Tensor]) -> tuple[Tensor, ...]:
@@ -47,6 +56,12 @@ class _Unflatten(torch.autograd.Function):
         except RuntimeError:  # rare layouts: see _cat_slow
             return _cat_slow(grads), None
 
+    @staticmethod
+    def jvp(ctx: Any, flat_tangent: Tensor, _: None) -> tuple[Tensor, ...]:
+        # Forward-mode AD (``torch.autograd.forward_ad`` dual vectors): the views' tangents are
+        # the same views of the vector's tangent (views, as autograd requires of view outputs).
+        return tuple(_unflatten(flat_tangent, ctx._forward_cls.refs))
+
 
 def _cat_slow(grads: tuple[Tensor, ...]) -> Tensor:
     """The flat gradient when the C++ flatten refuses: sparse grads (``Embedding(sparse=True)``)
@@ -58,15 +73,20 @@ def _cat_slow(grads: tuple[Tensor, ...]) -> Tensor:
 # ``Function.apply`` first maps functorch's unwrapping over every argument (~2 us here); the
 # fast path has already ruled functorch out, so it calls the C++ apply directly when present.
 _base_apply = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
-_apply_unflatten = (
-    _base_apply.__get__(None, _Unflatten) if _base_apply is not None else _Unflatten.apply
-)
+
+
+def _unflatten_for(refs: list[Tensor]) -> Any:
+    """``apply`` of an :class:`_Unflatten` subclass that holds ``refs`` (for its ``jvp``)."""
+    function: type[_Unflatten] = type(
+        "_Unflatten", (_Unflatten,), {"refs": refs, "__module__": __name__}
+    )
+    return _base_apply.__get__(None, function) if _base_apply is not None else function.apply
 
 
 class ViewMaker:
     """Turns a flat vector into a tuple of views, one per layout entry, in layout order."""
 
-    __slots__ = ("always_traceable", "refs", "shapes", "sizes", "strided")
+    __slots__ = ("always_traceable", "apply", "refs", "shapes", "sizes", "strided")
 
     def __init__(self, layout: FlatLayout) -> None:
         self.shapes = tuple(e.shape for e in layout.entries)
@@ -74,6 +94,7 @@ class ViewMaker:
         self.strided = _strided(self.shapes, self.sizes)
         # Shape carriers for the C++ unflatten, which reads only sizes: meta tensors cost nothing.
         self.refs = [torch.empty(s, device="meta") for s in self.shapes]
+        self.apply = _unflatten_for(self.refs)
         # The C++ unflatten returns (0,)-shaped fresh tensors for empty entries: not views.
         self.always_traceable = any(n == 0 for n in self.sizes)
 
@@ -86,6 +107,7 @@ class ViewMaker:
         self.always_traceable = state["always"]  # type: ignore[assignment]
         self.strided = _strided(self.shapes, self.sizes)
         self.refs = [torch.empty(s, device="meta") for s in self.shapes]
+        self.apply = _unflatten_for(self.refs)
 
     def fast_path_ok(self, flat: Tensor) -> bool:
         """Whether ``flat`` can take the C++ path: a plain tensor, outside every tracer."""
@@ -103,12 +125,14 @@ class ViewMaker:
 
     def fast(self, flat: Tensor) -> tuple[Tensor, ...]:
         """The C++ path (callers check :meth:`fast_path_ok` first)."""
-        if not torch.is_grad_enabled():
-            # No graph is recorded, so autograd's view bookkeeping buys nothing here.
+        if not torch.is_grad_enabled() and _forward_ad._current_level < 0:
+            # No graph is recorded, so autograd's view bookkeeping buys nothing here. (Unless a
+            # forward-AD dual level is open: no_grad does not stop forward AD, and skipping the
+            # autograd keys would drop the tangents of a dual vector silently.)
             with _below_view_tracking():
                 return tuple(_unflatten(flat, self.refs))
         if flat.requires_grad:
-            return _apply_unflatten(flat, self.refs)  # type: ignore[no-any-return,unused-ignore]
+            return self.apply(flat, self.refs)  # type: ignore[no-any-return,unused-ignore]
         return tuple(_unflatten(flat, self.refs))
 
     def rows(self, flats: Tensor) -> tuple[Tensor, ...]:
