@@ -26,6 +26,7 @@ from ._classes import install
 from ._inject import CORE_KEY, Core, Writable, bind, call_bound, innermost
 from ._layout import FlatLayout, Include, aliases_of, select_parameters
 from ._population import Strategy, call_population, population_buffers
+from ._replicate import replica_of
 from ._state_dict import as_wrapper_format, drop_managed_keys, end_flat_load, restore, snapshot
 from ._trace import Traced
 
@@ -153,10 +154,14 @@ class ReparamModule(nn.Module):
         Args:
             *inputs: positional inputs of the wrapped module.
             flat_param: ``(param_numel,)``, or a population ``(population, param_numel)``: the
-                module is then called once per row and the outputs are stacked on a new
-                leading dimension (``(1, num_params)`` is a population of one). ``None`` means
-                the module's own ``flat_param`` (or the vector bound by an enclosing
-                :meth:`unflattened_param` block).
+                module is then called once per row and its outputs are stacked: each tensor on
+                a new leading dimension, each other value (a float, a cache object) as the list
+                of the members' values, ``None`` as ``None`` (strategy ``"vmap"`` refuses
+                values other than tensors and ``None``). ``(1, num_params)`` is a population of
+                one, except under ``nn.DataParallel``, which splits every argument: there such
+                a row is the one vector it stands for (pass ``theta.expand(num_gpus, -1)``).
+                ``None`` means the module's own ``flat_param`` (or the vector bound by an
+                enclosing :meth:`unflattened_param` block).
             buffers: a tuple in ``module.buffers()`` order, or a dict ``{name: tensor}`` for
                 some of them; ``None`` means the module's own. In train mode, BatchNorm updates
                 the tensors it is given (and the module's own when none are given). For a
@@ -319,6 +324,11 @@ class ReparamModule(nn.Module):
         traced.prepare(self.flat_param, inputs)  # trace now, so that errors surface here
         self._traced = traced
         return self
+
+    def _replicate_for_data_parallel(self) -> ReparamModule:
+        # nn.DataParallel's replicas read their own broadcast flat_param and buffers: see
+        # _replicate (a plain shallow copy would read the original's, on the first device).
+        return replica_of(self)  # type: ignore[return-value]
 
     def extra_repr(self) -> str:
         return f"param_numel={self.param_numel}, dtype={self._core.layout.dtype}"
