@@ -159,7 +159,7 @@ def test_asyncio_tasks_see_only_their_own_block() -> None:
     thetas = [torch.randn(r.param_numel) for _ in range(4)]
 
     async def member(i: int) -> tuple[Tensor, Tensor]:
-        with torch.no_grad(), r.unflattened_param(thetas[i]):
+        with r.unflattened_param(thetas[i]):  # (no torch.no_grad: it is per thread, not task)
             await asyncio.sleep(0)  # every task enters its block before any leaves it
             inside = r.module(x)
         await asyncio.sleep(0)
@@ -168,7 +168,9 @@ def test_asyncio_tasks_see_only_their_own_block() -> None:
     async def main() -> list[tuple[Tensor, Tensor]]:
         return await asyncio.gather(*(member(i) for i in range(4)))
 
-    for i, (inside, after) in enumerate(asyncio.run(main())):
+    results = asyncio.run(main())
+    assert CHAIN.top is None  # every block restored its own task's chain
+    for i, (inside, after) in enumerate(results):
         torch.testing.assert_close(inside, reference(twin, r.layout, thetas[i], (x,)))
         torch.testing.assert_close(after, twin(x))
 

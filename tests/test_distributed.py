@@ -497,27 +497,7 @@ def test_data_parallel_without_gpus_calls_the_wrapper_as_is() -> None:
     torch.testing.assert_close(out[1], r(x, flat_param=theta), **EXACT)
 
 
-def test_data_parallel_replicas_read_the_original_flat_param(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """What ``nn.DataParallel`` does on several GPUs, emulated on the CPU: its replicas are
-    shallow copies that keep the original's torchreparam core, so they compute with the
-    original ``flat_param`` (on the first GPU), never with their broadcast copy. On real GPUs the
-    replicas on other devices therefore fail with a device mismatch: use DDP instead."""
-    replicate = sys.modules["torch.nn.parallel.replicate"]
-
-    def broadcast(
-        tensors: list[Tensor], devices: list[int], detach: bool = False
-    ) -> list[list[Tensor]]:
-        return [[t.detach() + 100.0 * (j + 1) for t in tensors] for j in range(len(devices))]
-
-    monkeypatch.setattr(replicate, "_broadcast_coalesced_reshape", broadcast)
-    monkeypatch.setattr(replicate, "_get_device_index", lambda device, optional=False: device)
-    r = ReparamModule(_model())
-    x, _ = _data()
-    for replica in replicate.replicate(r, [0, 1]):
-        assert not torch.equal(replica.flat_param, r.flat_param)  # its own copy, unused:
-        torch.testing.assert_close(replica(x), r(x), rtol=0, atol=0)
+# (with devices, replicas and (1, N) rows: tests/test_data_parallel.py)
 
 
 # ---- the docs page's scripts --------------------------------------------------------------

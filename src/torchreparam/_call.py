@@ -34,7 +34,7 @@ def resolve(
         if outer is not None:
             params, guard = outer[1], outer[4]
         else:
-            params, guard = (None if lazy_own else core.own_views()), False
+            params, guard = (None if lazy_own else core.own_params()), False
     else:
         ref = core.params["flat_param"]
         assert ref is not None  # registered by the wrapper

@@ -9,6 +9,7 @@ classes. The classes also keep pickling, ``deepcopy``, ``state_dict``, ``load_st
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._guards import TREE_COPY, check_child, check_new_tensor, plain_copy
 from ._inject import (
     CHAIN,
     CORE_KEY,
@@ -70,9 +72,9 @@ def _param_property(name: str, slot: int) -> property:
                 if binding[4]:  # a caller's vector while autograd records
                     guard_recomputation(chain, run_in, _CALL_CODE)
                 params = binding[1]  # None: the module's own, as they are now
-                return params[slot] if params is not None else core.own_views()[slot]
+                return params[slot] if params is not None else core.leaf(slot)
             binding = binding[3]
-        return core.own_views()[slot]
+        return core.leaf(slot)  # not bound: the module's own parameter (a leaf)
 
     fget.__name__ = name
     return property(fget, doc=f"{name}: a view of the bound flat vector (managed by torchreparam)")
@@ -143,6 +145,23 @@ def _derived_property(attr: str, names: tuple[str | None, ...]) -> property:
     return property(fget, fset, doc=f"{attr}: derived from the bound parameters")
 
 
+def _check_conversion(module: nn.Module, fn: Callable[[Tensor], Tensor], name: str) -> None:
+    """Refuse converting one submodule's managed weights (``net[0].half()``): one flat vector
+    has one dtype and one device."""
+    with torch.no_grad():
+        probe = getattr(module, name).detach()[:0] if getattr(module, name).dim() else None
+        converted = None if probe is None else fn(probe)
+    if converted is not None and (converted.dtype, converted.device) != (
+        probe.dtype,  # type: ignore[union-attr]
+        probe.device,  # type: ignore[union-attr]
+    ):
+        raise ValueError(
+            f"converting {type(module).__name__} alone to {converted.dtype} on "
+            f"{converted.device}: its weights are part of flat_param, which has one dtype and "
+            "one device; convert the whole model (r.to(...) or r.module.to(...)) instead"
+        )
+
+
 def _rebuild(spec: _Spec) -> nn.Module:
     """Unpickling: a bare instance of the generated class for ``spec``."""
     return object.__new__(managed_class(spec))
@@ -162,20 +181,75 @@ def _make_class(spec: _Spec) -> type:
     base, order, buffers, is_root, writes, derived = spec
     managed = {name: slot for name, slot in order if slot is not None}
     buffer_slots = dict(buffers)
+    base_copy = getattr(base, "__deepcopy__", None)
 
     def __setattr__(self: nn.Module, name: str, value: Any) -> None:
         if name in managed:
+            if value is getattr(self, name):
+                return  # the same parameter again (Hugging Face's tie_weights on tied weights)
             raise AttributeError(
-                f"cannot assign to {name!r} of {base.__name__}: it is a view of the flat "
-                "parameter managed by torchreparam; write into flat_param (for example with "
-                "load_state_dict) or call the wrapper with flat_param=..."
+                f"cannot assign to {name!r} of {base.__name__}: its values live in the flat "
+                "parameter managed by torchreparam; write into it in place (with torch.no_grad(): "
+                f"module.{name}.copy_(value)), load a state dict, or call the wrapper with "
+                "flat_param=..."
             )
         if name in buffer_slots:
             bound = self.__dict__[CORE_KEY].bound_buffers()
-            if bound is not None:  # keep the module's own buffer untouched: rebind instead
+            # (a DataParallel replica's own copies, set by replicate(), are never rebound)
+            if bound is not None and not self.__dict__.get("_is_replica"):  # rebind instead
                 bound[buffer_slots[name]] = value
                 return
+        if isinstance(value, nn.Module) or name in self.__dict__.get("_modules", ()):
+            check_child(self, name, value, "assigning")
+        elif isinstance(value, nn.Parameter) and name not in self._parameters:
+            check_new_tensor(self, name, "parameter")
         base.__setattr__(self, name, value)
+
+    def __delattr__(self: nn.Module, name: str) -> None:
+        if name in self._modules:
+            check_child(self, name, None, "deleting")
+        if name in managed:
+            raise AttributeError(
+                f"cannot delete {name!r} of {base.__name__}: its values live in flat_param "
+                "(the layout of a wrapped model is fixed); change the model before wrapping"
+            )
+        base.__delattr__(self, name)
+
+    def add_module(self: nn.Module, name: str, module: nn.Module | None) -> None:
+        check_child(self, name, module, "adding")
+        base.add_module(self, name, module)
+
+    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if name not in self._parameters:
+            check_new_tensor(self, name, "parameter")
+        base.register_parameter(self, name, param)
+
+    def register_buffer(
+        self: nn.Module, name: str, tensor: Tensor | None, persistent: bool = True
+    ) -> None:
+        if name not in self._buffers:
+            check_new_tensor(self, name, "buffer")
+        base.register_buffer(self, name, tensor, persistent)
+
+    def zero_grad(self: nn.Module, set_to_none: bool = True) -> None:
+        base.zero_grad(self, set_to_none)
+        core = self.__dict__[CORE_KEY]
+        flat = core.params.get("flat_param")
+        if is_root and flat is not None and flat.grad is not None:
+            if set_to_none:
+                flat.grad = None
+            else:
+                flat.grad.requires_grad_(False)
+                flat.grad.zero_()
+
+    def __deepcopy__(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
+        core = self.__dict__[CORE_KEY]
+        if not is_root and not memo.get(TREE_COPY) and id(core) not in memo:  # type: ignore[call-overload,unused-ignore]
+            return plain_copy(self, memo)  # one submodule: a plain module, its weights only
+        memo[TREE_COPY] = True  # type: ignore[index,unused-ignore]
+        if base_copy is not None:  # (parametrized classes define their own)
+            return base_copy(self, memo)
+        return copy._reconstruct(self, memo, *__reduce_ex__(self, 4))  # type: ignore[attr-defined]
 
     def __reduce_ex__(self: nn.Module, protocol: Any) -> tuple[Any, ...]:
         return (_rebuild, (spec,), self.__getstate__())
@@ -183,7 +257,10 @@ def _make_class(spec: _Spec) -> type:
     def _save_to_state_dict(
         self: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool
     ) -> None:
-        own = self.__dict__[CORE_KEY].own_views()
+        core = self.__dict__[CORE_KEY]
+        own = core.own_params()  # (leaves given new storage are copied back first)
+        if keep_vars and core.leaves is not None:  # the parameters themselves, as plain torch
+            own = tuple(core.leaf(slot) for slot in range(len(own)))
         rest: dict[str, Any] = {}
         base._save_to_state_dict(self, rest, prefix, keep_vars)
         for name, slot in order:  # parameters first, in their registration order
@@ -230,6 +307,8 @@ def _make_class(spec: _Spec) -> type:
     def _apply(self: nn.Module, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
         # ``module.double()`` on the unwrapped root converts flat_param too (it holds the data).
         core = self.__dict__[CORE_KEY]
+        if not is_root and managed and not core.applying:
+            _check_conversion(self, fn, next(iter(managed)))
         if not is_root or core.applying:
             return base._apply(self, fn, recurse)
         with core.converting():
@@ -268,6 +347,13 @@ def _make_class(spec: _Spec) -> type:
         "_apply": _apply,
         "named_parameters": named_parameters,
         "__setattr__": __setattr__,
+        "__delattr__": __delattr__,
+        "add_module": add_module,
+        "register_module": add_module,
+        "register_parameter": register_parameter,
+        "register_buffer": register_buffer,
+        "zero_grad": zero_grad,
+        "__deepcopy__": __deepcopy__,
         "__reduce_ex__": __reduce_ex__,
         "_save_to_state_dict": _save_to_state_dict,
         "_load_from_state_dict": _load_from_state_dict,
@@ -306,8 +392,7 @@ def install(core: Core, root: nn.Module) -> None:
         buffers = tuple(
             (name, buffer_slots[id(b)]) for name, b in module._buffers.items() if b is not None
         )
-        if module is not root and not buffers and all(slot is None for _, slot in order):
-            continue  # nothing to manage here (the root is always marked as managed)
+        # Every module gets a class, those without weights too: they refuse module surgery.
         writes = any(predicate(module) for predicate in WRITES_WEIGHTS)
         derived = _derived_lists(module)
         cls = managed_class((type(module), order, buffers, module is root, writes, derived))

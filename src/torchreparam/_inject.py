@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ._checks import is_dtensor
 from ._layout import FlatLayout
+from ._leaves import Leaves
 from ._views import ViewMaker
 
 __all__ = ["CHAIN", "CORE_KEY", "Core", "Writable", "bind", "call_bound", "innermost", "run_in"]
@@ -121,6 +122,7 @@ class Core:
         self.writes = False  # a module of the tree writes its weights in place (WRITES_WEIGHTS)
         self._cache: tuple[Tensor, tuple[int, int, bool], tuple[Tensor, ...]] | None = None
         self.memo: dict[str, Any] = {}  # what the layers above derive from the tree, to reuse
+        self.leaves: Leaves | None = None  # the unwrapped module's own parameters, made on use
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -128,6 +130,7 @@ class Core:
         state["_holder"] = self._holder()  # strong references for the copy; see __setstate__
         state["_sites"] = self.buffer_sites
         state["memo"] = {}
+        state["leaves"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -184,6 +187,36 @@ class Core:
             views = self.views.fast(flat)
         self._cache = (flat, (flat._version, flat.data_ptr(), flat.requires_grad), views)
         return views
+
+    def leaf(self, slot: int) -> Tensor:
+        """The module's own parameter ``slot`` as a leaf ``nn.Parameter`` over ``flat_param``
+        (see :mod:`._leaves`); a view when ``flat_param`` is not a plain parameter (sharded,
+        or a caller's tensor swapped in by ``functional_call``)."""
+        flat = self.params["flat_param"]
+        if type(flat) is not nn.Parameter:
+            return self.own_views()[slot]
+        leaves = self.leaves
+        if leaves is None:
+            leaves = self.leaves = Leaves(self.layout, flat)
+        return leaves.leaf(flat, slot)
+
+    def own_params(self) -> tuple[Tensor, ...]:
+        """What a call with the module's own weights binds: views of ``flat_param`` (gradients
+        in one tensor), after any leaf given new storage is copied back; the leaves themselves
+        for entries whose ``requires_grad`` was changed on the leaf (``requires_grad_``)."""
+        leaves = self.leaves
+        flat = self.params["flat_param"]
+        if leaves is None or type(flat) is not nn.Parameter:
+            return self.own_views()
+        leaves.sync(flat)
+        views = self.own_views()
+        if not leaves.mixed(flat):
+            return views
+        want = flat.requires_grad
+        return tuple(
+            view if leaf.requires_grad is want else leaf
+            for view, leaf in zip(views, leaves.params, strict=True)
+        )
 
     def follow_dtype(self) -> None:
         """After a conversion of ``flat_param`` (``.double()``), a layout of its new dtype."""
@@ -244,8 +277,10 @@ def bind(
     try:
         yield
     finally:
-        CHAIN.top = top
         _ACTIVE.reset(token)
+        # A block may span an ``await``, and asyncio tasks interleave their exits: restore this
+        # task's own chain (the one entered from), unless that was made by compiled code.
+        CHAIN.top = top if top is not None and top[5] else _active()
 
 
 def call_bound(

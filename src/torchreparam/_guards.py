@@ -1,0 +1,110 @@
+"""What the generated classes refuse, and how a submodule is copied out of a wrapped tree.
+
+Module surgery after wrapping would leave ``flat_param`` describing another model: a replaced
+or deleted submodule whose weights live in ``flat_param``, a new parameter or buffer outside
+it. Each is refused before anything changes, with what to do instead. A deep copy of one
+submodule is a plain module holding copies of its own weights only.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._inject import CORE_KEY
+
+__all__ = ["TREE_COPY", "check_child", "check_new_tensor", "plain_copy"]
+
+TREE_COPY = "_torchreparam_tree_copy"  # set in a deepcopy memo while a whole tree is copied
+
+_REWRAP = (
+    "make structural changes before wrapping (or build a new ReparamModule from a plain copy: "
+    "copy.deepcopy of a submodule is one)"
+)
+
+
+def _holds_state(module: nn.Module) -> bool:
+    """Whether any module of this subtree has weights or buffers (managed or not)."""
+    return any(
+        any(p is not None for p in m._parameters.values())
+        or any(b is not None for b in m._buffers.values())
+        or getattr(type(m), "_torchreparam_spec", (None, ()))[1]
+        for m in module.modules()
+    )
+
+
+def check_child(owner: nn.Module, name: str, value: Any, operation: str) -> None:
+    """Refuse replacing, adding or deleting a child module that holds weights or buffers."""
+    if owner.__dict__.get("_is_replica"):
+        return  # torch.nn.parallel.replicate fills a replica (DataParallel) with child replicas
+    old = owner._modules.get(name) if name in owner._modules else None
+    where = f"{type(owner).__name__}.{name}"
+    if old is not None and old is not value and _holds_state(old):
+        raise ValueError(
+            f"{operation} {where} of a model wrapped by torchreparam: its weights live in "
+            f"flat_param, which would then describe another model (and the new module would "
+            f"train outside it); {_REWRAP}"
+        )
+    if isinstance(value, nn.Module) and value is not old and _holds_state(value):
+        if any(CORE_KEY in m.__dict__ for m in value.modules()):
+            return  # a module of this tree placed again (weights shared, already in flat_param)
+        raise ValueError(
+            f"{operation} {where} of a model wrapped by torchreparam with a module that has "
+            f"parameters or buffers: they would live outside flat_param (not trained through "
+            f"it, not in its state dict, not swapped by calls with another vector); {_REWRAP}"
+        )
+
+
+def check_new_tensor(owner: nn.Module, name: str, kind: str) -> None:
+    """Refuse registering a new parameter or buffer on a wrapped module."""
+    if owner.__dict__.get("_is_replica"):
+        return  # replicate() sets the copies of frozen parameters (the originals, under no_grad)
+    raise ValueError(
+        f"register_{kind}({name!r}) on {type(owner).__name__}, a module of a model wrapped by "
+        f"torchreparam: the new {kind} would live outside flat_param (its layout is fixed at "
+        f"wrapping); {_REWRAP}. torch.nn.utils.prune and parametrizations register tensors: "
+        "apply them before wrapping (parametrizations), or prune.remove before wrapping"
+    )
+
+
+def plain_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """A deep copy of ``module`` (a submodule of a wrapped tree) as a plain module: the
+    classes it had before wrapping, real parameters holding copies of its current weights
+    (tied ones still tied), no reference to the wrapper or to the rest of ``flat_param``."""
+    params: dict[int, nn.Parameter] = {}  # one new parameter per weight (tied stay tied)
+    clones = {}
+    for sub in module.modules():
+        spec = getattr(type(sub), "_torchreparam_spec", None)
+        base = type(sub) if spec is None else spec[0]
+        clone = object.__new__(base)
+        memo[id(sub)] = clone
+        clones[id(sub)] = (sub, clone, spec)
+    for sub, clone, spec in clones.values():
+        state = {k: v for k, v in sub.__dict__.items() if k != CORE_KEY}
+        if spec is not None:
+            state["_parameters"] = _own_parameters(sub, spec, params)
+            for attr, names in spec[5]:  # derived lists (RNN's _flat_weights)
+                state[attr] = [None if n is None else state["_parameters"][n] for n in names]
+        clone.__dict__.update(copy.deepcopy(state, memo))
+    return memo[id(module)]
+
+
+def _own_parameters(
+    sub: nn.Module, spec: tuple[Any, ...], made: dict[int, nn.Parameter]
+) -> dict[str, nn.Parameter | None]:
+    out: dict[str, nn.Parameter | None] = {}
+    for name, slot in spec[1]:
+        if slot is None:
+            out[name] = sub._parameters.get(name)
+            continue
+        value: Tensor = getattr(sub, name)
+        key = slot
+        if key not in made:
+            with torch.no_grad():
+                data = value.detach().clone(memory_format=torch.contiguous_format)
+            made[key] = nn.Parameter(data, requires_grad=value.requires_grad)
+        out[name] = made[key]
+    return out
