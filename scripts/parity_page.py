@@ -76,7 +76,11 @@ INTRO = """\
 # What you can do with the unwrapped module
 
 After `r = ReparamModule(net)`, `net` (also `r.module`) keeps working on its own: its parameters
-are views of `r.flat_param`. The promise: every operation you can apply to the wrapper or to
+are real leaf `nn.Parameter`s whose storage is their slice of `r.flat_param` (as FSDP's
+`use_orig_params`), and their `.grad` are views of `r.flat_param.grad` (as DDP's
+`gradient_as_bucket_view`), whichever of `r(x)` or `net(x)` the gradient came through. Inside a
+call with another vector (or an `unflattened_param` block) they read that vector instead, in
+that thread only, compiled code included. The promise: every operation you can apply to the wrapper or to
 `net` either gives **the same result as on the plain module** (a copy of `net` taken before
 wrapping; `torch.func.functional_call(plain, params, x)` for a call with another vector), or is
 **refused** with a `ValueError`, `TypeError` or `RuntimeError` whose message names the operation
