@@ -47,15 +47,11 @@ _CLASSES: weakref.WeakValueDictionary[_Spec, type] = weakref.WeakValueDictionary
 
 
 def _compiled_param(core: Core, slot: int) -> Tensor:
-    """While dynamo traces: the innermost binding on this thread's chain, else the own views
-    (dynamo reads the ``threading.local`` chain; the recomputation guard is eager-only)."""
-    binding = CHAIN.top
-    while binding is not None:
-        if binding[0] is core:
-            params = binding[1]
-            return params[slot] if params is not None else core.own_views()[slot]
-        binding = binding[3]
-    return core.own_views()[slot]
+    """While dynamo traces: the innermost binding (on this thread's chain: see
+    ``_inject.current``), else the own views; the recomputation guard is eager-only."""
+    binding = innermost(core)
+    params = None if binding is None else binding[1]
+    return params[slot] if params is not None else core.own_views()[slot]
 
 
 def _param_property(name: str, slot: int) -> property:
@@ -77,7 +73,9 @@ def _param_property(name: str, slot: int) -> property:
         return core.leaf(slot)  # not bound: the module's own parameter (a leaf)
 
     fget.__name__ = name
-    return property(fget, doc=f"{name}: a view of the bound flat vector (managed by torchreparam)")
+    return property(
+        fget, doc=f"{name}: the bound vector's view, else the module's own parameter (a leaf)"
+    )
 
 
 def _writable_param_property(name: str, slot: int) -> property:
@@ -147,19 +145,35 @@ def _derived_property(attr: str, names: tuple[str | None, ...]) -> property:
 
 def _check_conversion(module: nn.Module, fn: Callable[[Tensor], Tensor], name: str) -> None:
     """Refuse converting one submodule's managed weights (``net[0].half()``): one flat vector
-    has one dtype and one device."""
+    has one dtype and one device. ``fn`` is tried on an empty view of one of them."""
     with torch.no_grad():
-        probe = getattr(module, name).detach()[:0] if getattr(module, name).dim() else None
-        converted = None if probe is None else fn(probe)
-    if converted is not None and (converted.dtype, converted.device) != (
-        probe.dtype,  # type: ignore[union-attr]
-        probe.device,  # type: ignore[union-attr]
-    ):
+        probe = getattr(module, name).detach().reshape(-1)[:0]
+        converted = fn(probe)
+    if (converted.dtype, converted.device) != (probe.dtype, probe.device):
         raise ValueError(
             f"converting {type(module).__name__} alone to {converted.dtype} on "
             f"{converted.device}: its weights are part of flat_param, which has one dtype and "
             "one device; convert the whole model (r.to(...) or r.module.to(...)) instead"
         )
+
+
+_METACLASSES: dict[type, type] = {}
+
+
+def _metaclass(meta: type) -> type:
+    """The metaclass of the generated classes whose base has metaclass ``meta``: calling a
+    generated class builds a plain module of its base class. Torch builds new modules that way
+    (``type(self)(...)``: ``net[1:]`` of a ``Sequential``, slices of a ``ModuleList``); they
+    hold modules of the tree, but are not part of it. Copies and unpickling, which call
+    ``__new__`` directly, still make instances of the generated class."""
+    made = _METACLASSES.get(meta)
+    if made is None:
+
+        def __call__(cls: type, *args: Any, **kwargs: Any) -> Any:
+            return cls._torchreparam_spec[0](*args, **kwargs)  # type: ignore[attr-defined]
+
+        made = _METACLASSES[meta] = type(f"Managed{meta.__name__}", (meta,), {"__call__": __call__})
+    return made
 
 
 def _rebuild(spec: _Spec) -> nn.Module:
@@ -232,15 +246,9 @@ def _make_class(spec: _Spec) -> type:
         base.register_buffer(self, name, tensor, persistent)
 
     def zero_grad(self: nn.Module, set_to_none: bool = True) -> None:
-        base.zero_grad(self, set_to_none)
-        core = self.__dict__[CORE_KEY]
-        flat = core.params.get("flat_param")
-        if is_root and flat is not None and flat.grad is not None:
-            if set_to_none:
-                flat.grad = None
-            else:
-                flat.grad.requires_grad_(False)
-                flat.grad.zero_()
+        base.zero_grad(self, set_to_none)  # (the leaves' grads: views of flat_param.grad)
+        if is_root:  # flat_param's own gradient too, as nn.Module.zero_grad treats a parameter
+            nn.Module.zero_grad(self.__dict__[CORE_KEY].holder, set_to_none)
 
     def __deepcopy__(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
         core = self.__dict__[CORE_KEY]
@@ -365,7 +373,7 @@ def _make_class(spec: _Spec) -> type:
     namespace.update({name: make(name, slot) for name, slot in managed.items()})
     namespace.update({name: _buffer_property(name, slot) for name, slot in buffers})
     namespace.update({attr: _derived_property(attr, names) for attr, names in derived})
-    return type(base.__name__, (base,), namespace)
+    return _metaclass(type(base))(base.__name__, (base,), namespace)
 
 
 # ---- installing on a module tree --------------------------------------------------------

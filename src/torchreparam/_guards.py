@@ -40,7 +40,7 @@ def check_child(owner: nn.Module, name: str, value: Any, operation: str) -> None
     """Refuse replacing, adding or deleting a child module that holds weights or buffers."""
     if owner.__dict__.get("_is_replica"):
         return  # torch.nn.parallel.replicate fills a replica (DataParallel) with child replicas
-    old = owner._modules.get(name) if name in owner._modules else None
+    old = owner._modules.get(name)
     where = f"{type(owner).__name__}.{name}"
     if old is not None and old is not value and _holds_state(old):
         raise ValueError(
@@ -49,7 +49,8 @@ def check_child(owner: nn.Module, name: str, value: Any, operation: str) -> None
             f"train outside it); {_REWRAP}"
         )
     if isinstance(value, nn.Module) and value is not old and _holds_state(value):
-        if any(CORE_KEY in m.__dict__ for m in value.modules()):
+        core = owner.__dict__[CORE_KEY]
+        if all(m.__dict__.get(CORE_KEY) is core for m in value.modules()):
             return  # a module of this tree placed again (weights shared, already in flat_param)
         raise ValueError(
             f"{operation} {where} of a model wrapped by torchreparam with a module that has "

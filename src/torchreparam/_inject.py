@@ -35,7 +35,17 @@ from ._layout import FlatLayout
 from ._leaves import Leaves
 from ._views import ViewMaker
 
-__all__ = ["CHAIN", "CORE_KEY", "Core", "Writable", "bind", "call_bound", "innermost", "run_in"]
+__all__ = [
+    "CHAIN",
+    "CORE_KEY",
+    "Core",
+    "Writable",
+    "bind",
+    "buffer_site",
+    "call_bound",
+    "innermost",
+    "run_in",
+]
 
 CORE_KEY = "_torchreparam_core"
 
@@ -84,6 +94,12 @@ class Writable(tuple):
     that write their weights in place may write into them (a caller's vector is copied)."""
 
     __slots__ = ()
+
+
+def buffer_site(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """Where buffer ``name`` (a full name under ``root``) lives: (owning module, local name)."""
+    owner, _, local = name.rpartition(".")
+    return root.get_submodule(owner), local
 
 
 def innermost(core: Core) -> _Binding | None:
@@ -296,10 +312,8 @@ def call_bound(
     if _is_dynamo():
         with bind(core, params, buffers):
             return fn(*args, **kwargs)
-    chain = _active()
     top = CHAIN.top
-    outer = top if top is not chain and top is not None and top[5] else chain  # current()
-    binding = (core, params, buffers, outer, guard, False)
+    binding = (core, params, buffers, current(), guard, False)
     token = _ACTIVE.set(binding)
     CHAIN.top = binding
     try:

@@ -52,6 +52,8 @@ class Leaves:
                 functools.partial(_relay, self.ref, "after_leaf", i)
             )
         self._attach(flat)
+        if flat.grad is not None:  # gradients from before the leaves existed: theirs too
+            self.after_flat(None, flat)
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("leaves are not copied: they are made again on first use")
@@ -128,14 +130,20 @@ class Leaves:
             self.grad = (grad, views)
         return self.grad[1]
 
+    def _live(self) -> tuple[Tensor, ...] | None:
+        """The views of ``flat_param.grad`` the leaves should hold (``None``: it was reset or
+        replaced since they were made)."""
+        flat, grad = self.flat, self.grad
+        if flat is None or grad is None or grad[0] is not flat.grad:
+            return None
+        return grad[1]
+
     def before_flat(self, slot: None, incoming: Tensor) -> None:
         """Before ``flat_param`` accumulates: slices whose leaf was reset (or given another
         gradient tensor) take that state first."""
-        flat = self.flat
-        grad = None if flat is None else flat.grad
-        if grad is None or self.grad is None or self.grad[0] is not grad:
+        views = self._live()
+        if views is None:
             return
-        views = self.grad[1]
         with torch.no_grad():
             for leaf, view in zip(self.params, views, strict=True):
                 own = leaf.grad
@@ -155,17 +163,10 @@ class Leaves:
             if leaf.requires_grad and leaf.grad is not view:
                 leaf.grad = view
 
-    def _current(self, slot: int) -> Tensor | None:
-        """The view of the current ``flat_param.grad`` that ``slot``'s leaf should hold."""
-        flat, grad = self.flat, self.grad
-        if flat is None or grad is None or grad[0] is not flat.grad:
-            return None
-        return grad[1][slot]
-
     def before_leaf(self, slot: int, incoming: Tensor) -> None:
         leaf = self.params[slot]
-        own = leaf.grad
-        if own is None or own is self._current(slot):
+        own, views = leaf.grad, self._live()
+        if own is None or (views is not None and own is views[slot]):
             return
         if getattr(own, "_torchreparam_view", False):
             leaf.grad = None  # it viewed a flat gradient that was reset since: so is it

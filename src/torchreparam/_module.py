@@ -14,6 +14,7 @@ from torch.nn.modules.module import (  # dicts that register_module_*_hook fill 
     _global_forward_hooks,
     _global_forward_pre_hooks,
 )
+from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -23,7 +24,7 @@ from ._checks import (
     same_device,
 )
 from ._classes import install
-from ._inject import CORE_KEY, Core, Writable, bind, call_bound, innermost
+from ._inject import CORE_KEY, Core, Writable, bind, buffer_site, call_bound, innermost
 from ._layout import FlatLayout, Include, aliases_of, select_parameters
 from ._population import Strategy, call_population, population_buffers
 from ._replicate import replica_of
@@ -99,7 +100,7 @@ class ReparamModule(nn.Module):
         flat = torch.empty(layout.numel, dtype=layout.dtype, device=device)  # filled by install
         self.flat_param = nn.Parameter(flat, requires_grad=requires_grad)
         self.module = module
-        sites = {name: _buffer_site(module, name) for name, _ in module.named_buffers()}
+        sites = {name: buffer_site(module, name) for name, _ in module.named_buffers()}
         self._core = Core(layout, self, sites)
         self._traced: Traced | None = None
         self.population_strategy = "auto"
@@ -411,6 +412,15 @@ def _check_wrappable(module: object) -> None:
                 "Register torch.nn.utils.parametrizations."
                 f"{_OLD_HOOK_NAMES[kind]} instead (the same computation) before wrapping"
             )
+        if any(isinstance(h, BasePruningMethod) for h in sub._forward_pre_hooks.values()):
+            raise ValueError(
+                f"{where} is pruned with torch.nn.utils.prune, whose hook stores the masked "
+                "weight on the module at every call: with different vectors in several threads "
+                "(or under vmap) one call would read another's, and the module would keep a "
+                "tensor of the caller's graph. Make the pruning permanent with "
+                "prune.remove(module, name) before wrapping (flat_param then holds the masked "
+                "weights), or express the mask as a parametrization"
+            )
         if CORE_KEY in sub.__dict__:
             raise ValueError(
                 f"{where} is already managed by a ReparamModule; wrap the whole model once, "
@@ -442,8 +452,3 @@ def _buffer_device(module: nn.Module) -> torch.device:
 def _buffer_dtype(module: nn.Module) -> torch.dtype:
     floats = (b.dtype for b in module.buffers() if b.is_floating_point())
     return next(floats, torch.get_default_dtype())
-
-
-def _buffer_site(root: nn.Module, name: str) -> tuple[nn.Module, str]:
-    owner, _, local = name.rpartition(".")
-    return root.get_submodule(owner), local

@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ._checks import check_buffers, check_flat_param
-from ._inject import CORE_KEY, Core
+from ._inject import CORE_KEY, Core, buffer_site
 
 __all__ = ["called_by_data_parallel", "one_vector", "replica_of"]
 
@@ -97,10 +97,7 @@ def _adopt(replica: nn.Module) -> None:
     holder = nn.Module()  # holds the copy in _parameters, as the wrapper holds flat_param
     holder._parameters["flat_param"] = flat  # type: ignore[assignment]  # (not a leaf)
     root: nn.Module = replica._modules["module"]  # type: ignore[assignment]
-    sites = {}
-    for name in old.buffer_names:
-        owner, _, local = name.rpartition(".")
-        sites[name] = (root.get_submodule(owner), local)
+    sites = {name: buffer_site(root, name) for name in old.buffer_names}
     core = Core(old.layout, holder, sites)
     core.writes = old.writes
     for module in root.modules():  # the replica's copies: their __dict__ are their own

@@ -1,0 +1,156 @@
+"""The unwrapped module's own parameters (leaves over flat_param's storage): gradients that
+arrive through either side, resets of either side, conversions and copies, each against a plain
+twin copied before wrapping; misuse refused with the model unchanged."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from conftest import unchanged
+from torch import Tensor, nn
+
+from torchreparam import ReparamModule
+
+
+def _pair() -> tuple[ReparamModule, nn.Module, Tensor]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    twin = copy.deepcopy(net)
+    return ReparamModule(net), twin, torch.randn(5, 4)
+
+
+def _assert_same(net: nn.Module, twin: nn.Module) -> None:
+    for (name, p), q in zip(net.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+@pytest.mark.parametrize("step", ["sgd", "adam"])
+def test_optimizer_on_the_leaves_with_gradients_from_either_side(step: str) -> None:
+    r, twin, x = _pair()
+    net = r.module
+
+    def make(ps):  # type: ignore[no-untyped-def]
+        if step == "sgd":
+            return torch.optim.SGD(ps, lr=0.1, momentum=0.9)
+        return torch.optim.Adam(ps, lr=0.05)
+
+    ours, theirs = make(net.parameters()), make(twin.parameters())
+    for i in range(4):  # the gradient arrives through the wrapper, then the module, in turn
+        ours.zero_grad()
+        theirs.zero_grad()
+        (r(x) if i % 2 == 0 else net(x)).square().sum().backward()
+        twin(x).square().sum().backward()
+        _assert_same(net, twin)
+        ours.step()
+        theirs.step()
+    _assert_same(net, twin)
+    torch.testing.assert_close(r(x), twin(x), rtol=0, atol=0)
+
+
+def test_optimizer_on_flat_param_with_gradients_from_either_side() -> None:
+    r, twin, x = _pair()
+    ours = torch.optim.SGD(r.parameters(), lr=0.1)
+    theirs = torch.optim.SGD(twin.parameters(), lr=0.1)
+    list(r.module.parameters())  # the leaves exist from here on
+    for i in range(4):
+        ours.zero_grad()
+        theirs.zero_grad()
+        (r.module(x) if i % 2 else r(x)).square().sum().backward()
+        twin(x).square().sum().backward()
+        flat = torch.cat([p.grad.reshape(-1) for p in twin.parameters()])
+        torch.testing.assert_close(r.flat_param.grad, flat)
+        _assert_same(r.module, twin)
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(r(x), twin(x), rtol=0, atol=0)
+
+
+def test_a_reset_on_one_side_holds_for_the_next_accumulation_on_the_other() -> None:
+    r, twin, x = _pair()
+    net = r.module
+    for m in (r, twin):
+        m(x).sum().backward()
+    for p in net[0].parameters():  # reset one layer's leaves only
+        p.grad = None
+    for p in twin[0].parameters():
+        p.grad = None
+    r(x).sum().backward()  # through flat_param: the reset slices start from zero
+    twin(x).sum().backward()
+    _assert_same(net, twin)
+    r.flat_param.grad = None  # the flat side reset: so is every leaf
+    for p in twin.parameters():
+        p.grad = None
+    net(x).sum().backward()
+    twin(x).sum().backward()
+    _assert_same(net, twin)
+
+
+def test_zero_grad_of_the_module_clears_flat_param_too() -> None:
+    r, twin, x = _pair()
+    for m in (r.module, twin):
+        m(x).sum().backward()
+    r.module.zero_grad()
+    assert r.flat_param.grad is None
+    r.module(x).sum().backward()
+    r.module.zero_grad(set_to_none=False)
+    assert torch.count_nonzero(r.flat_param.grad) == 0
+    assert all(torch.count_nonzero(p.grad) == 0 for p in r.module.parameters())
+
+
+def test_conversion_keeps_the_parameter_objects_as_plain_torch_does() -> None:
+    r, twin, x = _pair()
+    params, plain = list(r.module.parameters()), list(twin.parameters())
+    r.module.double()
+    twin.double()
+    assert [p is q for p, q in zip(r.module.parameters(), params, strict=True)] == [True] * 4
+    assert [p is q for p, q in zip(twin.parameters(), plain, strict=True)] == [True] * 4
+    ours, theirs = torch.optim.SGD(params, lr=0.1), torch.optim.SGD(plain, lr=0.1)
+    for m, opt in ((r.module, ours), (twin, theirs)):
+        m(x.double()).sum().backward()
+        opt.step()
+    _assert_same(r.module, twin)
+    torch.testing.assert_close(r(x.double()), twin(x.double()), rtol=0, atol=0)
+    assert r.flat_param.dtype == torch.float64
+
+
+def test_a_scalar_submodule_weight_is_not_converted_alone() -> None:
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = nn.Parameter(torch.tensor(2.0))  # 0-d
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x * self.s
+
+    r = ReparamModule(nn.Sequential(nn.Linear(2, 2), Scale()))
+    x = torch.randn(3, 2)
+    with unchanged(r, x), pytest.raises(ValueError, match=re.escape("converting Scale alone")):
+        r.module[1].half()
+
+
+def test_a_module_of_another_wrapped_model_is_refused() -> None:
+    r, _, x = _pair()
+    other = ReparamModule(nn.Sequential(nn.Linear(8, 3)))
+    with unchanged(r, x), pytest.raises(ValueError, match="would live outside flat_param"):
+        r.module[1] = other.module[0]  # (in place of the Tanh: its weights are other's)
+    r.module[1] = r.module[1]  # a module of this tree placed again: nothing changes
+    torch.testing.assert_close(r(x), r.module(x))
+
+
+def test_slices_of_containers_are_plain_containers_of_the_trees_modules() -> None:
+    r, twin, x = _pair()
+    ours, theirs = r.module[1:], twin[1:]
+    assert type(ours) is nn.Sequential  # built by torch as type(self)(...): not part of the tree
+    h = torch.randn(5, 8)
+    torch.testing.assert_close(ours(h), theirs(h), rtol=0, atol=0)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    theta = torch.randn(r.param_numel)
+    with r.unflattened_param(theta):  # its modules still read the bound vector
+        torch.testing.assert_close(ours(h), r.module[2](torch.tanh(h)), rtol=0, atol=0)
+    torch.testing.assert_close(r.module(x), twin(x), rtol=0, atol=0)
