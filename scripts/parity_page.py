@@ -80,9 +80,11 @@ are real leaf `nn.Parameter`s whose storage is their slice of `r.flat_param` (as
 `use_orig_params`), and their `.grad` are views of `r.flat_param.grad` (as DDP's
 `gradient_as_bucket_view`), whichever of `r(x)` or `net(x)` the gradient came through. Inside a
 call with another vector (or an `unflattened_param` block) they read that vector instead, in
-that thread only, compiled code included. The promise: every operation you can apply to the wrapper or to
-`net` either gives **the same result as on the plain module** (a copy of `net` taken before
-wrapping; `torch.func.functional_call(plain, params, x)` for a call with another vector), or is
+that thread only, compiled code included.
+
+The promise: every operation you can apply to the wrapper or to `net` either gives **the same
+result as on the plain module** (a copy of `net` taken before wrapping;
+`torch.func.functional_call(plain, params, x)` for a call with another vector), or is
 **refused** with a `ValueError`, `TypeError` or `RuntimeError` whose message names the operation
 and says what to do, *before anything changes*: afterwards the model's `state_dict` and outputs
 are bit-identical to before. Never a silent no-op, never a result computed with other weights.

@@ -389,7 +389,7 @@ ROWS_UTILS = [
     same_row(U, "parameters_to_vector_tied", "`parameters_to_vector(net.parameters())`, tied weights", _parameters_to_vector("tied")),
     same_row(U, "vector_to_parameters", "`vector_to_parameters(v, net.parameters())`, then an optimizer step on `r.flat_param`", _vector_to_parameters),
     same_row(U, "fuse_conv_bn_eval", "`fusion.fuse_conv_bn_eval(net[0], net[1])` (eval mode)", _fuse_conv_bn),
-    refused_row(U, "prune_after", "`prune.l1_unstructured(net[0], 'weight', amount=0.3)` after wrapping", "prune before wrapping", "mlp",
+    refused_row(U, "prune_after", "`prune.l1_unstructured(net[0], 'weight', amount=0.3)` after wrapping", "prune, then `prune.remove`, before wrapping", "mlp",
                 lambda r: prune.l1_unstructured(r.module[0], "weight", amount=0.3), r"prun|weight_orig", BEFORE),
     refused_row(U, "weight_norm_after", "`parametrizations.weight_norm(net[0])` after wrapping", "register parametrizations before wrapping", "mlp",
                 lambda r: parametrizations.weight_norm(r.module[0]), _PARAMETRIZE, BEFORE),

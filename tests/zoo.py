@@ -33,7 +33,7 @@ import pytest
 import torch
 from conftest import Tied, unchanged
 from torch import Tensor, nn
-from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils import parametrizations, parametrize, prune
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint
 
@@ -384,6 +384,17 @@ ZOO: tuple[Entry, ...] = (
         status="refused", error=ValueError,
         message="its submodule '0' uses the old hook-based torch.nn.utils.spectral_norm",
         notes="as the old weight_norm; use torch.nn.utils.parametrizations.spectral_norm",
+    ),
+    Entry(
+        "pruned", "`nn.utils.prune.l1_unstructured` (hook-based; before wrapping)",
+        lambda: nn.Sequential(prune.l1_unstructured(nn.Linear(5, 4), "weight", amount=0.5), nn.Tanh(), nn.Linear(4, 3)), _randn(4, 5),
+        status="refused", error=ValueError,
+        message="its submodule '0' is pruned with torch.nn.utils.prune, whose hook stores the masked weight on the module at every call",
+        notes="as the old weight_norm; prune.remove(module, 'weight') before wrapping makes the pruning permanent (entry below)",
+    ),
+    Entry(
+        "pruned_removed", "`nn.utils.prune`, made permanent with `prune.remove` before wrapping",
+        lambda: nn.Sequential(prune.remove(prune.l1_unstructured(nn.Linear(5, 4), "weight", amount=0.5), "weight"), nn.Tanh(), nn.Linear(4, 3)), _randn(4, 5),
     ),
     # ---- structure ----------------------------------------------------------------------
     Entry("tied", "Tied weights (embedding and output projection, GPT-2 style)", Tied, _ints(10, 4, 3)),
