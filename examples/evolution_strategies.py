@@ -144,7 +144,8 @@ def main() -> None:
         )
         print(f"figure: {png}")
     if world > 1:
-        dist.destroy_process_group()
+        dist.barrier()  # rank 0 plots first: tear gloo down together (a rank leaving early can
+        dist.destroy_process_group()  # abort the other's transport threads under load)
 
 
 def plot(
