@@ -312,8 +312,10 @@ def call_bound(
     if _is_dynamo():
         with bind(core, params, buffers):
             return fn(*args, **kwargs)
+    chain = _active()  # (current(), inlined: this runs on every call, and reads top anyway)
     top = CHAIN.top
-    binding = (core, params, buffers, current(), guard, False)
+    outer = top if top is not chain and top is not None and top[5] else chain
+    binding = (core, params, buffers, outer, guard, False)
     token = _ACTIVE.set(binding)
     CHAIN.top = binding
     try:
