@@ -19,6 +19,7 @@ own pays nothing.
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from typing import Any
 
@@ -46,6 +47,7 @@ class Leaves:
         self.grad: tuple[Tensor, tuple[Tensor, ...]] | None = None  # (flat grad, its views)
         self.handles: list[Any] = []
         self.ref = weakref.ref(self)  # hooks hold it weakly: no cycle through the tensors
+        self.lock = threading.RLock()
         for i, leaf in enumerate(self.params):
             leaf.register_hook(functools.partial(_relay, self.ref, "before_leaf", i))
             leaf.register_post_accumulate_grad_hook(
@@ -189,7 +191,8 @@ class Leaves:
 def _relay(ref: Any, method: str, slot: int | None, arg: Tensor) -> None:
     leaves = ref()
     if leaves is not None:
-        getattr(leaves, method)(slot, arg)
+        with leaves.lock:  # backward passes of several threads: one hook body at a time
+            getattr(leaves, method)(slot, arg)
 
 
 def _aliases(leaf: Tensor, data: Tensor, offset: int) -> bool:
