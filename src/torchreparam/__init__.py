@@ -26,6 +26,7 @@ from ._inner import AdamState, SGDState, adam, sgd
 from ._layout import FlatLayout, LayoutEntry
 from ._module import ReparamModule
 from ._trajectory import Trajectory, load_trajectory, save_trajectory
+from ._unroll import Unrolled, unroll
 
 __all__ = [
     "AdamState",
@@ -36,6 +37,7 @@ __all__ = [
     "SGDState",
     "StateDictMismatchError",
     "Trajectory",
+    "Unrolled",
     "adam",
     "evaluate_population",
     "from_state_dict",
@@ -55,5 +57,6 @@ __all__ = [
     "sgd",
     "to_module_state_dict",
     "to_wrapper_state_dict",
+    "unroll",
 ]
 __version__ = "0.1.0"
