@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch._dynamo.testing import CompileCounter
 
-from torchreparam import ReparamModule, _population
+from torchreparam import ReparamModule, _population_job
 
 Factory = Callable[[], nn.Module]
 
@@ -79,7 +79,7 @@ def no_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("the population fell back to the loop")
 
-    monkeypatch.setattr(_population._Job, "loop", fail)
+    monkeypatch.setattr(_population_job.Job, "loop", fail)
 
 
 def _loop(
@@ -337,7 +337,7 @@ def test_random_mlps_match_the_loop(arch: tuple[nn.Module, int], data: st.DataOb
     thetas = torch.randn(population, r.param_numel, dtype=torch.float64, requires_grad=True)
     ref = thetas.detach().clone().requires_grad_()
     r.population_strategy = "batched"
-    with mock.patch.object(_population._Job, "loop", side_effect=AssertionError("the loop ran")):
+    with mock.patch.object(_population_job.Job, "loop", side_effect=AssertionError("the loop ran")):
         out = r(x, flat_param=thetas, in_dims=0 if per_member else None)
     expected = _loop(r, ref, x, per_member)
     torch.testing.assert_close(out, expected)

@@ -26,24 +26,26 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
-from ._batched import Plan, plan, run
-from ._call import call, transactional, write_back
+from ._batched import Plan, plan
+from ._call import call, transactional
 from ._checks import check_buffers, check_flat_param, check_in_dims
-from ._inject import Core, call_bound
+from ._inject import Core
+from ._population_job import Columns, Job, join, rebuild, rng_state, set_rng_state
 from ._replicate import called_by_data_parallel, one_vector
 
 __all__ = ["Strategy", "call_population", "population_buffers"]
 
 Strategy = Literal["auto", "vmap", "loop", "batched"]
 _STRATEGIES = ("auto", "vmap", "loop", "batched")
+_RANDOMNESS = ("different", "same")
 
 
 def population_buffers(
@@ -75,10 +77,14 @@ def call_population(
 
     Args:
         in_dims: ``None`` (every input shared), ``0`` (every positional input has a leading
-            population dimension) or a tuple of ``0``/``None``, one per positional input.
+            population dimension), a tuple of ``0``/``None`` (one per positional input), or a
+            dict ``{position or keyword name: 0 or None}`` (inputs not named are shared).
         buffers: as for single calls; each tensor either ``(population, *shape)`` (one per
             member, updated in place per member) or ``shape`` (shared by all members).
         plans: where ``"auto"`` remembers its choice per call signature.
+
+    The wrapper's attributes ``population_chunk_size`` (``None`` or a number of members run at
+    a time) and ``population_randomness`` (``"different"`` or ``"same"``) are read here.
     """
     check_flat_param(thetas, core.layout.numel, core.flat())  # (the wrapper sends only 2-D)
     population = thetas.shape[0]
@@ -90,8 +96,9 @@ def call_population(
     ):  # nn.DataParallel on one device: the (1, N) row it split off stands for one vector
         theta, single = one_vector(core, thetas, buffers)
         return call(core, fn, args, kwargs, theta, single)
-    dims = check_in_dims(in_dims, args, population)
+    dims, kw_dims = input_dims(in_dims, args, kwargs, population)
     bound, buffer_dims = population_buffers(core, buffers, population)
+    chunk_size, randomness = population_options(core.holder)
     if strategy not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
     may_vmap = _vmap_is_exact(core, bound, buffer_dims)
@@ -103,7 +110,7 @@ def call_population(
         )
     if strategy == "auto" and torch.compiler.is_compiling():
         strategy = "vmap"  # timing cannot be traced; in a graph the batched call is the one
-    job = _Job(core, fn, args, kwargs, thetas, bound, dims, buffer_dims)
+    job = Job(core, fn, args, kwargs, thetas, bound, dims, buffer_dims, kw_dims, randomness)
     if strategy in ("auto", "batched"):
         job.steps = _batched_plan(core, fn, args, kwargs)
         if strategy == "batched" and job.steps is None:
@@ -114,12 +121,85 @@ def call_population(
                 "one tensor and no keyword inputs; this call is not one: use 'auto', 'vmap' or "
                 "'loop'"
             )
-    go = _dispatch(job, strategy, may_vmap, plans if plans is not None else {})
+    plans = plans if plans is not None else {}
+
+    def go() -> Any:
+        return rebuild(_chunked(job, strategy, may_vmap, plans, chunk_size))
+
     # members sharing the module's own buffers: a raise in member k undoes members 0..k-1 too
     return transactional(core, go, (), {}) if bound is None else go()
 
 
-def _dispatch(job: _Job, strategy: str, may_vmap: bool, plans: dict[Any, str]) -> Callable[[], Any]:
+def population_options(holder: nn.Module) -> tuple[int | None, str]:
+    """The wrapper's ``population_chunk_size`` and ``population_randomness``, checked."""
+    state = holder.__dict__
+    chunk = state.get("population_chunk_size")
+    randomness = state.get("population_randomness", "different")
+    if chunk is not None and (type(chunk) is not int or chunk < 1):
+        raise ValueError(
+            f"population_chunk_size must be None or a positive int (members run at a time), got "
+            f"{chunk!r}"
+        )
+    if randomness not in _RANDOMNESS:
+        raise ValueError(f"population_randomness must be one of {_RANDOMNESS}, got {randomness!r}")
+    return chunk, randomness
+
+
+def input_dims(
+    in_dims: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], population: int
+) -> tuple[tuple[int | None, ...], frozenset[str]]:
+    """Per positional input 0 or None, and the keyword inputs given one per member."""
+    if not isinstance(in_dims, Mapping):
+        return check_in_dims(in_dims, args, population), frozenset()
+    bad = [k for k in in_dims if not ((type(k) is int and 0 <= k < len(args)) or k in kwargs)]
+    if bad:
+        raise ValueError(
+            f"in_dims as a dict maps positions (0 to {len(args) - 1} here) and keyword names "
+            f"({sorted(kwargs)} here) to 0 or None; {bad} name no input of this call"
+        )
+    dims = check_in_dims(tuple(in_dims.get(i) for i in range(len(args))), args, population)
+    per_member = []
+    for name in sorted(k for k in in_dims if type(k) is str):
+        dim, value = in_dims[name], kwargs[name]
+        if dim is None:
+            continue
+        if dim != 0:
+            raise ValueError(f"in_dims[{name!r}] must be 0 or None, got {dim!r}")
+        if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != population:
+            found = (
+                f"of shape {tuple(value.shape)}"
+                if isinstance(value, Tensor)
+                else f"a {type(value).__name__}"
+            )
+            raise ValueError(
+                f"in_dims[{name!r}] is 0 but keyword input {name!r} is {found}: its leading "
+                f"dimension must be the population size {population}"
+            )
+        per_member.append(name)
+    return dims, frozenset(per_member)
+
+
+def _chunked(
+    job: Job, strategy: str, may_vmap: bool, plans: dict[Any, str], chunk_size: int | None
+) -> Columns:
+    """The job run ``chunk_size`` members at a time (all at once for ``None``), joined."""
+    population = job.thetas.shape[0]
+    if chunk_size is None or chunk_size >= population:
+        return _dispatch(job, strategy, may_vmap, plans)()
+    start = rng_state(job.thetas.device) if job.randomness == "same" else None
+    parts, sizes = [], []
+    for begin in range(0, population, chunk_size):
+        stop = min(begin + chunk_size, population)
+        if start is not None:  # every chunk's members draw what the first member draws
+            set_rng_state(job.thetas.device, start)
+        parts.append(_dispatch(job.part(begin, stop), strategy, may_vmap, plans)())
+        sizes.append(stop - begin)
+    return join(parts, sizes)
+
+
+def _dispatch(
+    job: Job, strategy: str, may_vmap: bool, plans: dict[Any, str]
+) -> Callable[[], Columns]:
     if strategy == "loop" or not may_vmap:
         return job.loop
     if strategy == "vmap":
@@ -148,131 +228,7 @@ def _vmap_is_exact(core: Core, bound: list[Tensor] | None, dims: tuple[int | Non
     return bound is not None and all(d == 0 for d in dims)
 
 
-class _Job:
-    """One population call, runnable by either strategy."""
-
-    def __init__(
-        self,
-        core: Core,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        thetas: Tensor,
-        buffers: list[Tensor] | None,
-        dims: tuple[int | None, ...],
-        buffer_dims: tuple[int | None, ...],
-    ) -> None:
-        self.core, self.fn, self.args, self.kwargs = core, fn, args, kwargs
-        self.thetas, self.buffers, self.dims, self.buffer_dims = thetas, buffers, dims, buffer_dims
-        self.steps: Plan | None = None  # set where the module has a batched plan
-
-    def batched(self, thetas: Tensor | None = None) -> Any:
-        """The written-out batched call (:mod:`._batched`); the loop where the input does not
-        fit it (the loop raises the module's own error, if any)."""
-        assert self.steps is not None
-        thetas = self.thetas if thetas is None else thetas
-        out = run(self.steps, self.core.views.rows(thetas), self.args[0], self.dims[0] == 0)
-        return self.loop() if out is None else out
-
-    def key(self) -> tuple[Any, ...]:
-        """What the faster strategy depends on: sizes, dtypes, grad, train/eval modes."""
-        if self.steps is not None:  # one tensor input; the modes that matter are in the plan
-            (x,) = self.args
-            grad = torch.is_grad_enabled() and (self.thetas.requires_grad or x.requires_grad)
-            return (self.thetas.shape, self.dims, x.shape, x.dtype, grad)
-        shapes = tuple((a.shape, a.dtype) if isinstance(a, Tensor) else type(a) for a in self.args)
-        grad = torch.is_grad_enabled() and (
-            self.thetas.requires_grad
-            or any(isinstance(a, Tensor) and a.requires_grad for a in self.args)
-        )
-        modes = (
-            tuple(m.training for m in self.fn.modules()) if isinstance(self.fn, nn.Module) else ()
-        )
-        return (self.thetas.shape, self.dims, self.buffer_dims, shapes, grad, modes)
-
-    def loop(self, buffers: Sequence[Tensor] | None = None) -> Any:
-        buffers = self.buffers if buffers is None else buffers
-        rows = [a.unbind(0) if d == 0 else None for a, d in zip(self.args, self.dims, strict=True)]
-        outs = []
-        for i, theta in enumerate(self.thetas.unbind(0)):  # one backward node for all rows
-            args = tuple(a if r is None else r[i] for a, r in zip(self.args, rows, strict=True))
-            bufs = None
-            if buffers is not None:  # b[i]: a single-output view, so in-place updates land in b
-                bufs = [
-                    b if d is None else b[i] for b, d in zip(buffers, self.buffer_dims, strict=True)
-                ]
-            # (atomic=False: call_population undoes the whole population if a member raises)
-            outs.append(call(self.core, self.fn, args, self.kwargs, theta, bufs, atomic=False))
-        return stack_outputs(outs)
-
-    def shared_buffers(self) -> list[Tensor] | None:
-        """The buffers every member reads when none are given: those of an enclosing
-        ``replaced_buffers`` block (``None``: the module's own)."""
-        return self.core.bound_buffers()
-
-    def vmap(
-        self,
-        buffers: Sequence[Tensor] | None = None,
-        thetas: Tensor | None = None,
-        buffer_dims: tuple[int | None, ...] | None = None,
-    ) -> Any:
-        if buffers is None:
-            buffers, buffer_dims = self.buffers, self.buffer_dims
-            if buffers is None:  # (single calls read an enclosing block's buffers too)
-                buffers = self.shared_buffers()
-                buffer_dims = None if buffers is None else (None,) * len(buffers)
-        buffer_dims = self.buffer_dims if buffer_dims is None else buffer_dims
-        thetas = self.thetas if thetas is None else thetas
-        count = 0 if buffers is None else len(buffers)
-        # Every member's views, sliced once out of the (population, N) matrix: no split or
-        # view runs per member under vmap (each batched op costs vmap's dispatch).
-        views = self.core.views.rows(thetas)
-        size = len(views)
-        found: list[Any] = []  # the output's structure, and which of its leaves are tensors
-
-        def member(_row: Tensor, *rest: Any) -> Any:  # _row: one tensor to map over, always
-            bufs = None if buffers is None else list(rest[size : size + count])
-            given = None if bufs is None else list(bufs)
-            out = call_bound(
-                self.core, rest[:size], bufs, self.fn, rest[size + count :], self.kwargs
-            )
-            if given is not None and bufs is not None:
-                write_back(given, bufs)
-            leaves, spec = tree_flatten(out)
-            if all(isinstance(leaf, Tensor) for leaf in leaves):
-                found.append((spec, None))
-                return tuple(leaves)
-            kinds = _tensor_leaves(leaves, out)  # (raises for other values than None)
-            found.append((spec, kinds))
-            return tuple(leaf for leaf, tensor in zip(leaves, kinds, strict=True) if tensor)
-
-        in_dims = (0, *(0,) * size, *(buffer_dims or ()), *self.dims)
-        vmapped = torch.func.vmap(member, in_dims=in_dims, randomness="different")
-        outs = vmapped(thetas, *views, *(buffers or ()), *self.args)
-        spec, kinds = found[-1]
-        if kinds is None:
-            return tree_unflatten(list(outs), spec)
-        stacked = iter(outs)
-        return tree_unflatten([next(stacked) if k else None for k in kinds], spec)
-
-
-def _tensor_leaves(leaves: list[Any], out: Any) -> list[bool]:
-    """Which leaves of a vmapped member's output are tensors (``None`` is kept as it is);
-    raises for any other value, which vmap cannot give each member."""
-    for i, leaf in enumerate(leaves):
-        if leaf is not None and not isinstance(leaf, Tensor):
-            where = keystr(tree_flatten_with_path(out)[0][i][0])
-            raise ValueError(
-                "population_strategy 'vmap' returns tensors only, but the module's output holds a "
-                f"value of type {type(leaf).__name__} at output{where}: vmap runs the module once "
-                "for all members, so it cannot give each member its own. Use population_strategy "
-                "'auto' or 'loop' (which give the list of the members' values there), or return "
-                "a tensor"
-            )
-    return [leaf is not None for leaf in leaves]
-
-
-def _auto(job: _Job, plans: dict[Any, str]) -> Any:
+def _auto(job: Job, plans: dict[Any, str]) -> Columns:
     key = job.key()
     plan = plans.get(key)
     if plan == "loop":
@@ -327,58 +283,17 @@ def _rng_kept(device: torch.device) -> AbstractContextManager[Any]:
     return torch.random.fork_rng(devices=[device], device_type=device.type)
 
 
-def _trial(job: _Job, candidate: Callable[[Tensor], Any], needs_grad: bool) -> float:
+def _trial(job: Job, candidate: Callable[[Tensor], Any], needs_grad: bool) -> float:
     """Seconds for a forward of ``candidate`` (given a detached copy of the vectors), timed
     after a warm-up run (vmap's first call pays one-time costs); raises if it (or its
     backward) fails."""
     thetas = job.thetas.detach().requires_grad_(job.thetas.requires_grad)
     with warnings.catch_warnings():  # the real run (the loop) shows the model's own warnings
         warnings.simplefilter("ignore")
-        out = candidate(thetas)
+        out = candidate(thetas)[1]  # (the columns' leaves)
         leaves = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
         if needs_grad and leaves and thetas.requires_grad:
             torch.autograd.grad([t.sum() for t in leaves], thetas, allow_unused=True)
         start = time.perf_counter()
         candidate(thetas)
         return time.perf_counter() - start
-
-
-def stack_outputs(outs: Sequence[Any]) -> Any:
-    """The members' outputs as one: each tensor stacked on a new leading dimension, each other
-    value a list of the members' values (``None`` where every member returned ``None``)."""
-    if isinstance(outs[0], Tensor) and all(isinstance(out, Tensor) for out in outs):
-        return _stack(tuple(outs), 0, outs)  # (one tensor each: the usual case, no pytree)
-    leaves, spec = tree_flatten(outs[0])
-    columns = [leaves]
-    for i, out in enumerate(outs[1:], 1):
-        more, their = tree_flatten(out)
-        if their != spec:
-            raise ValueError(
-                f"the members' outputs differ in structure: member 0 returned {spec}, member "
-                f"{i} returned {their}; a population call stacks the members' outputs, so they "
-                "must have one structure (call the members one by one otherwise)"
-            )
-        columns.append(more)
-    stacked = [_stack(column, i, outs) for i, column in enumerate(zip(*columns, strict=True))]
-    return tree_unflatten(stacked, spec)
-
-
-def _stack(column: tuple[Any, ...], leaf: int, outs: Sequence[Any]) -> Any:
-    """One leaf of every member's output: a stacked tensor, ``None`` or a list."""
-    first = column[0]
-    if isinstance(first, Tensor) and all(isinstance(v, Tensor) for v in column):
-        try:
-            return torch.stack(column)
-        except RuntimeError:
-            if len({v.shape for v in column}) == 1:
-                raise  # (not a shape problem)
-            where = keystr(tree_flatten_with_path(outs[0])[0][leaf][0])
-            raise ValueError(
-                f"the members' outputs differ in shape at output{where}: "
-                f"{[tuple(v.shape) for v in column]}; a population call stacks each tensor of "
-                "the output, so the members must return equal shapes (call them one by one "
-                "otherwise)"
-            ) from None
-    if first is None and all(v is None for v in column):
-        return None
-    return list(column)
