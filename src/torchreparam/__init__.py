@@ -24,6 +24,7 @@ from ._distributed import evaluate_population
 from ._files import layout_from_json, layout_to_json
 from ._inner import AdamState, SGDState, adam, sgd
 from ._layout import FlatLayout, LayoutEntry
+from ._members import member_module, member_vector
 from ._module import ReparamModule
 from ._trajectory import Trajectory, load_trajectory, save_trajectory
 from ._unroll import Unrolled, unroll
@@ -50,6 +51,8 @@ __all__ = [
     "load_checkpoint",
     "load_flat",
     "load_trajectory",
+    "member_module",
+    "member_vector",
     "per_example_grads",
     "save_checkpoint",
     "save_flat",

@@ -253,16 +253,24 @@ class ReparamModule(nn.Module):
         out = self(*inputs, flat_param=flat_param, buffers=copies, in_dims=in_dims, **kwargs)
         return out, dict(zip(core.buffer_names, copies, strict=True))
 
-    def fresh_flat_param(self) -> Tensor:
-        """A newly initialized flat vector, drawn by the submodules' own ``reset_parameters()``.
+    def fresh_flat_param(self, n: int | None = None) -> Tensor:
+        """Newly initialized flat vectors, drawn by the submodules' own ``reset_parameters()``.
 
         The module's own weights and buffers are not touched (the initializers write into the
-        new vector and into copies of the buffers); parameters of modules without
+        new vectors and into copies of the buffers); parameters of modules without
         ``reset_parameters`` keep their current values. For ensembles, evolution strategies and
-        fresh inner-loop starts.
+        fresh inner-loop starts. The draws come from the global random number generators, one
+        member after the other: ``torch.manual_seed`` makes them reproducible.
+
+        Args:
+            n: ``None`` for one vector; a count for a population of ``n`` independent
+                initializations (each as a fresh model of the same architecture would get).
 
         Returns:
-            ``(param_numel,)``, not requiring grad.
+            ``(param_numel,)``, or ``(n, param_numel)`` when ``n`` is given; not requiring grad.
+
+        Raises:
+            ValueError: ``n`` is not a positive int.
 
         Example:
             >>> import torch
@@ -271,17 +279,22 @@ class ReparamModule(nn.Module):
             >>> theta = r.fresh_flat_param()
             >>> theta.shape, torch.equal(theta, r.flat_param)
             (torch.Size([8]), False)
+            >>> r.fresh_flat_param(5).shape  # a population: one initialization per row
+            torch.Size([5, 8])
         """
+        if n is not None and (type(n) is not int or n < 1):
+            raise ValueError(f"n must be None or a positive int (members to draw), got {n!r}")
         core = self._core
         with torch.no_grad():
-            theta = self.flat_param.detach().clone()
-            copies = [b.clone() for b in core.own_buffers()]
-            with bind(core, Writable(core.views(theta)), copies):
-                for module in self.module.modules():
-                    reset = getattr(module, "reset_parameters", None)
-                    if callable(reset):
-                        reset()
-        return theta
+            rows = self.flat_param.detach().expand(n or 1, -1).clone()  # (n, param_numel)
+            for theta in rows.unbind(0):  # each row drawn as a fresh model would be
+                copies = [b.clone() for b in core.own_buffers()]
+                with bind(core, Writable(core.views(theta)), copies):
+                    for module in self.module.modules():
+                        reset = getattr(module, "reset_parameters", None)
+                        if callable(reset):
+                            reset()
+        return rows[0] if n is None else rows
 
     @contextmanager
     def unflattened_param(self, flat_param: Tensor) -> Iterator[None]:
