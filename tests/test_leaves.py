@@ -5,6 +5,7 @@ twin copied before wrapping; misuse refused with the model unchanged."""
 from __future__ import annotations
 
 import copy
+import pickle
 import re
 
 import pytest
@@ -154,3 +155,86 @@ def test_slices_of_containers_are_plain_containers_of_the_trees_modules() -> Non
     with r.unflattened_param(theta):  # its modules still read the bound vector
         torch.testing.assert_close(ours(h), r.module[2](torch.tanh(h)), rtol=0, atol=0)
     torch.testing.assert_close(r.module(x), twin(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("write", ["data", "set_"])
+def test_a_new_shape_is_refused_at_the_write_itself(write: str) -> None:
+    r, twin, x = _pair()
+    weight = r.module[0].weight
+    message = (
+        f".{write}{' = t' if write == 'data' else '(t)'} of shape (9, 4) on parameter '0.weight'"
+    )
+    new = torch.zeros(9, 4)
+    write_it = (
+        (lambda: setattr(weight, "data", new)) if write == "data" else lambda: weight.set_(new)
+    )
+    with (
+        unchanged(r, x),
+        torch.no_grad(),
+        pytest.raises(ValueError, match=re.escape(message)) as error,
+    ):
+        write_it()
+    assert "change shapes before wrapping" in str(error.value)
+    assert weight.shape == (8, 4)
+    assert r.module[0].weight is weight
+    with torch.no_grad():  # the same shape: copied into flat_param, as vector_to_parameters
+        weight.set_(torch.ones(8, 4))
+        twin[0].weight.set_(torch.ones(8, 4))
+    torch.testing.assert_close(r(x), twin(x), rtol=0, atol=0)
+    torch.testing.assert_close(r.flat_param[:32], torch.ones(32), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_optimizer_zero_grad_resets_flat_param_grad_at_once(order: int) -> None:
+    r, twin, x = _pair()
+    net = r.module
+    for m in (net, twin):
+        m(x).square().sum().backward()
+    firsts = [torch.optim.SGD(list(m[0].parameters())[::order], lr=0.1) for m in (net, twin)]
+    for opt in firsts:  # one layer's parameters only: their slices read zero, the rest stays
+        opt.zero_grad()
+    flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in twin.parameters()])  # fmt: skip
+    torch.testing.assert_close(r.flat_param.grad, flat, rtol=0, atol=0)
+    _assert_same(net, twin)
+    alls = [torch.optim.SGD(list(m.parameters())[::order], lr=0.1) for m in (net, twin)]
+    for opt in alls:
+        opt.zero_grad()
+    assert r.flat_param.grad is None  # as every gradient of the twin
+    torch.nn.utils.clip_grad_norm_(r.parameters(), 1.0)  # (nothing to clip: none is stale)
+    for opt, m in zip(alls, (r, twin), strict=True):  # a step through the other side
+        m(x).square().sum().backward()
+        opt.step()
+    _assert_same(net, twin)
+    torch.testing.assert_close(r(x), twin(x), rtol=0, atol=0)
+
+
+def test_unfreezing_one_parameter_of_a_model_frozen_before_wrapping() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).requires_grad_(False)
+    twin = copy.deepcopy(net)
+    r, x = ReparamModule(net), torch.randn(5, 4)
+    assert not r.flat_param.requires_grad
+    for m in (r.module, twin):
+        m[0].weight.requires_grad_(True)
+    assert [p.requires_grad for p in r.module.parameters()] == [True, False, False, False]
+    for m in (r, r.module, twin, twin):  # through the wrapper, then the module
+        m(x).square().sum().backward()
+    _assert_same(r.module, twin)
+    theta = torch.randn(r.param_numel, requires_grad=True)  # calls with a vector: unchanged
+    r(x, flat_param=theta).sum().backward()
+    assert theta.grad is not None
+    assert theta.grad.abs().sum() > 0
+
+
+def test_copies_and_pickles_of_a_leaf_are_plain_parameters() -> None:
+    r, twin, _ = _pair()
+    weight, plain = r.module[0].weight, twin[0].weight
+    assert isinstance(weight, nn.Parameter)
+    assert repr(weight) == repr(plain)
+    for copied in (copy.deepcopy(weight), pickle.loads(pickle.dumps(weight))):
+        assert type(copied) is nn.Parameter
+        assert copied.requires_grad
+        torch.testing.assert_close(copied, plain, rtol=0, atol=0)
+        with torch.no_grad():
+            copied.zero_()
+        torch.testing.assert_close(weight, plain, rtol=0, atol=0)  # independent of the model

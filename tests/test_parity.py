@@ -501,11 +501,8 @@ GAPS: dict[str, str] = {  # row -> what goes wrong today (the row is marked xfai
     "remove_parametrizations": "raises 'AttributeError: type object ParametrizedLinear has no attribute weight' from torch's internals, not a clear refusal",
     "stateless_functional_call": _SETATTR,
     "func_functional_call_subset": _SETATTR,
-    "zero_grad_opt_none": "optimizer.zero_grad() over net.parameters() sets their .grad to None but leaves flat_param.grad holding the old gradient",
-    "requires_grad_param_true": "on a model frozen before wrapping (frozen flat_param), net[0].weight.requires_grad_(True) works, but the next forward raises torch's internal 'RuntimeError: cannot register a hook on a tensor that doesn't require gradient'",
     "averaged_model": f"AveragedModel deep-copies net inside a new parent whose parameters() is empty ({_NOT_REGISTERED}), so update_parameters raises torch's internal 'Expected !nested_tensorlist[0].empty()'",
     "parent_container": f"a new parent's named_parameters() and parameters() are empty, its state_dict() is right ({_NOT_REGISTERED}: only net.named_parameters() lists them)",
-    "hf_resize": "refused too late: Hugging Face has already given wte.weight a (60, 32) tensor when the refusal comes, and afterwards r.state_dict() and every call raise 'ValueError: parameter transformer.wte.weight of the wrapped module was given shape (60, 32), but flat_param holds (50, 32)'",
 }  # fmt: skip
 TABLE: tuple[Row, ...] = tuple(
     dataclasses.replace(row, xfail=f"issue 11: {GAPS[row.name]}") if row.name in GAPS else row
