@@ -1,39 +1,39 @@
-"""``python -m torchreparam bench``: the options, and what a run writes."""
+"""``python -m benchmarks``: the options, and what a run writes."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from .page import compose_page, write_page
 from .report import Table
 from .suite import CASES, run_suite
 
-__all__ = ["add_parser", "run"]
+__all__ = ["DEFAULT_OUT", "main"]
 
-DEFAULT_OUT = "docs/benchmarks.md"
+# The repository's page, wherever the suite is run from.
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
-def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``bench`` subcommand to ``commands``."""
-    bench = commands.add_parser(
-        "bench",
-        help="run the benchmark suite and write docs/benchmarks.md",
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
         description="Time torchreparam against the plain module, torch.func.functional_call, "
         "higher, vector_to_parameters and the original torchreparam, in interleaved rounds "
         "with paired ratios, and write a markdown page with one table per target.",
     )
-    bench.add_argument(
+    parser.add_argument(
         "--smoke", action="store_true", help="tiny budgets and small models (checks every case)"
     )
-    bench.add_argument(
+    parser.add_argument(
         "--out",
         default=None,
-        help=f"markdown file to write ('-': stdout); default {DEFAULT_OUT} for a full run of "
-        "every case, stdout otherwise",
+        help="markdown file to write ('-': stdout); default: the repository's "
+        "docs/benchmarks.md for a full run of every case, stdout otherwise",
     )
-    bench.add_argument(
+    parser.add_argument(
         "--only",
         action="append",
         choices=list(CASES),
@@ -41,13 +41,14 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="CASE",
         help=f"run only this case (repeatable): {', '.join(CASES)}",
     )
-    bench.add_argument(
+    parser.add_argument(
         "--device",
         action="append",
         choices=["cpu", "cuda"],
         default=[],
         help="device(s) to run on (repeatable); default: cpu, and cuda where available",
     )
+    return parser
 
 
 def _summary(tables: list[Table]) -> str:
@@ -55,13 +56,14 @@ def _summary(tables: list[Table]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the suite as ``args`` say; print the verdicts; write the page."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the suite as ``argv`` says; print the verdicts; write the page."""
+    args = _parser().parse_args(argv)
     devices = args.device or ["cpu", "cuda"]
     sections, tables = run_suite(smoke=args.smoke, only=args.only, devices=devices)
     out = args.out
     if out is None:
-        out = "-" if args.smoke or args.only else DEFAULT_OUT
+        out = "-" if args.smoke or args.only else str(DEFAULT_OUT)
     if out == "-":
         sys.stdout.write(compose_page(sections, None))
     else:

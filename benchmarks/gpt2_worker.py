@@ -1,4 +1,4 @@
-"""The worker, able to build GPT-2 models too: ``python -m torchreparam._bench.gpt2_worker``.
+"""The worker, able to build GPT-2 models too: ``python -m benchmarks.gpt2_worker``.
 
 A module of its own so that the other workers never import ``transformers`` (seconds).
 """

@@ -51,7 +51,7 @@ def resnet_case(ctx: Context) -> list[Table]:
     args = ["resnet", "--smoke"] if ctx.smoke else ["resnet"]
     tables = []
     for allocator, env in _ALLOCATORS.items():
-        data = run_worker("torchreparam._bench.worker", [*args, "--allocator", allocator], env)
+        data = run_worker("benchmarks.worker", [*args, "--allocator", allocator], env)
         tables += tables_from_json(data)
     default, tuned = tables
     tuned.target = "at most 1.05x plain when memory is reused (MALLOC_MMAP_THRESHOLD_ and "

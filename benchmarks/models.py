@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _resnet
+from torchreparam import _resnet  # the one private import: the demo's ResNet-18 (see __init__)
 
 __all__ = ["Model", "conv4", "deep_linear", "loss_of", "mlp", "resnet", "seeded"]
 

@@ -14,11 +14,12 @@ HEADER = """\
 Written by the benchmark suite; do not edit by hand. Run it again with
 
 ```bash
-python -m torchreparam bench              # the full suite, writes docs/benchmarks.md
-python -m torchreparam bench --smoke      # tiny budgets: checks that every case runs
-python -m torchreparam bench --only maml  # one case (see --help for the list)
-python benchmarks/run.py                  # the same, from a source checkout
+python -m benchmarks              # the full suite, writes docs/benchmarks.md
+python -m benchmarks --smoke      # tiny budgets: checks that every case runs
+python -m benchmarks --only maml  # one case (see --help for the list)
 ```
+
+from the repository's root, after `pip install -e .` (the suite is not part of the package).
 
 The optional peers come from `pip install higher transformers tqdm`; a peer that is not
 installed is listed as skipped.
@@ -40,7 +41,7 @@ installed is listed as skipped.
   ratio is just over 1 counts as met within noise when the middle half of the per-round ratios
   reaches 1 (the verdict then gives that spread).
 - The original torchreparam is re-implemented faithfully inside the suite
-  (`torchreparam._bench.original`): `torch.cat` into `flat_param`, then on every call
+  (`benchmarks/original.py`): `torch.cat` into `flat_param`, then on every call
   `split` + `.view`, `setattr` on the modules, the call, and `setattr` back.
 
 ## Allocator note (Linux, glibc)
@@ -66,7 +67,7 @@ with `fused=True` (measured here, default allocator). Prefer `fused=True`.
 """
 
 PLACEHOLDERS = {
-    "cpu": "## CPU, one thread\n\nNot measured yet: run `python -m torchreparam bench`.",
+    "cpu": "## CPU, one thread\n\nNot measured yet: run `python -m benchmarks`.",
     "cuda": "## CUDA\n\nNot measured: the machine of the last run had no CUDA device "
     "(`torch.cuda.is_available()` was False). The suite runs its GPU cases by itself where "
     "one is present and publishes them here, apart from the CPU figures.",

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from .._module import ReparamModule
+from torchreparam import ReparamModule
+
 from .models import Model, loss_of
 from .original import OriginalReparamModule
 

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, vmap
 
-from .._batched import plan
-from .._module import ReparamModule
+from torchreparam import ReparamModule
+
 from .context import Context
 from .models import Model, conv4, mlp
 from .peers import Contenders, Peers
@@ -39,8 +39,11 @@ def population_contenders(p: Peers, thetas: Tensor) -> Contenders:
     written = ReparamModule(p.copy())
     written.population_strategy = "batched"
     batched = {OURS_BATCHED: lambda: written(*x, flat_param=thetas)}
-    if plan(written.module, written.layout, {}) is None:
-        batched = {}  # (not a Sequential MLP: the strategy would raise)
+    try:
+        with torch.no_grad():
+            written(*x, flat_param=thetas[:1])
+    except ValueError:  # not a Sequential MLP: the strategy refuses it
+        batched = {}
     return {
         LOOP: loop,
         OURS_POP: lambda: p.ours(*x, flat_param=thetas),
@@ -88,9 +91,9 @@ def _table(ctx: Context, model: Model, size: int, speedup: float | None) -> Tabl
         rows=timing_rows(timings, failed),
         notes=[
             "paired ratio below 1: faster than the loop (speed-up = 1 / ratio)",
-            f"population_strategy='auto' (the default) chose: {_plan(p)}; it times the batched "
-            "call ('batched' where the module allows it, else 'vmap') against the loop once, on "
-            "the first call of each signature, and keeps the faster",
+            f"population_strategy='auto' (the default) chose: {_plan(p, thetas)}; it times the "
+            "batched call ('batched' where the module allows it, else 'vmap') against the loop "
+            "once, on the first call of each signature, and keeps the faster",
         ],
     )
 
@@ -109,9 +112,22 @@ def _never_slower(ours: Timing, loop: Timing) -> str:
     return f"{verdict}; {spread}"
 
 
-def _plan(p: Peers) -> str:
-    plans = getattr(p.ours, "_plans", None)  # private: read only to annotate the table
-    return ", ".join(sorted(set(plans.values()))) if plans else "unknown"
+def _plan(p: Peers, thetas: Tensor) -> str:
+    """What ``auto`` chose, seen from outside: how often the module's forward runs in one call
+    (once per member: the loop; once: vmap; never: the written-out batched matrix products)."""
+    calls = 0
+
+    def count(*_: object) -> None:
+        nonlocal calls
+        calls += 1
+
+    handle = p.ours.module.register_forward_pre_hook(count)
+    try:
+        with torch.no_grad():
+            p.ours(*p.model.inputs, flat_param=thetas)
+    finally:
+        handle.remove()
+    return {0: "batched", 1: "vmap"}.get(calls, "loop" if calls == len(thetas) else "unknown")
 
 
 def population_case(ctx: Context) -> list[Table]:

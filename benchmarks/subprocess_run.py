@@ -17,14 +17,14 @@ __all__ = ["TUNED_MALLOC", "run_worker", "tables_from_json", "tables_to_json"]
 
 # glibc: serve every allocation from the heap (no fresh mmap per large block), never trim it.
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "2147483647", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding torchreparam/
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])  # the folder holding benchmarks/
 
 
 def run_worker(module: str, args: Sequence[str], env: Mapping[str, str | None]) -> Any:
     """``python -m module *args`` in a fresh process; returns the JSON it printed last.
 
     Args:
-        module: the worker module (``torchreparam._bench.worker`` or a model's module).
+        module: the worker module (``benchmarks.worker`` or a model's module).
         args: its command line.
         env: variables to set (a value of ``None`` removes the variable).
 
@@ -38,7 +38,7 @@ def run_worker(module: str, args: Sequence[str], env: Mapping[str, str | None]) 
         else:
             environ[key] = value
     path = environ.get("PYTHONPATH")
-    environ["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + path if path else "")
+    environ["PYTHONPATH"] = _REPO_ROOT + (os.pathsep + path if path else "")
     cmd = [sys.executable, "-m", module, *args]
     done = subprocess.run(cmd, capture_output=True, text=True, env=environ, check=False)
     if done.returncode != 0:

@@ -1,4 +1,4 @@
-"""The body of the cases that run in a fresh process: ``python -m torchreparam._bench.worker``.
+"""The body of the cases that run in a fresh process: ``python -m benchmarks.worker``.
 
 Prints one line of JSON: the tables of ``resnet``, or the figures of one ``wrap``.
 """
@@ -25,7 +25,7 @@ WRAP_MODELS: dict[str, Callable[[], nn.Module]] = {"resnet18": resnet().build}
 
 
 def _parser(models: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m torchreparam._bench.worker")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.worker")
     cases = parser.add_subparsers(dest="case", required=True)
     rn = cases.add_parser("resnet", help="ResNet-18 forward+backward tables")
     rn.add_argument("--smoke", action="store_true")

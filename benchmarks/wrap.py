@@ -10,7 +10,8 @@ from typing import Any
 
 from torch import nn
 
-from .._module import ReparamModule
+from torchreparam import ReparamModule
+
 from .context import Context
 from .original import OriginalReparamModule
 from .report import Table, at_most, fmt_time
@@ -66,11 +67,7 @@ def measure_wrap(build: Callable[[], nn.Module], wrapper: str) -> dict[str, Any]
 
 
 def _worker_module(model: str) -> str:
-    return (
-        "torchreparam._bench.gpt2_worker"
-        if model.startswith("gpt2")
-        else "torchreparam._bench.worker"
-    )
+    return "benchmarks.gpt2_worker" if model.startswith("gpt2") else "benchmarks.worker"
 
 
 def _mb(n: float) -> str:

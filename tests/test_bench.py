@@ -1,20 +1,27 @@
-"""The benchmark suite keeps working: smoke mode end to end, and its parts. Never timings."""
+"""The benchmark suite (``benchmarks/``, outside the package) keeps working: smoke mode end to end,
+and its parts. Never timings."""
 
 from __future__ import annotations
 
+import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.func import functional_call
 
-from torchreparam.__main__ import main
-from torchreparam._bench import gpt2, models, page, peers
-from torchreparam._bench.original import OriginalReparamModule
-from torchreparam._bench.population import _never_slower
-from torchreparam._bench.report import Table, at_least, at_most
-from torchreparam._bench.timing import Budget, Timing, compare, median_ratio, slope
+from benchmarks import gpt2, models, page, peers
+from benchmarks.cli import DEFAULT_OUT, main
+from benchmarks.original import OriginalReparamModule
+from benchmarks.population import _never_slower
+from benchmarks.report import Table, at_least, at_most
+from benchmarks.timing import Budget, Timing, compare, median_ratio, slope
+from torchreparam.__main__ import main as torchreparam_main
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Every target, by the start of its table's title.
 TARGETS = [
@@ -49,7 +56,7 @@ def _section(text: str, title: str) -> str:
 @pytest.fixture(scope="module")
 def smoke_page(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("bench") / "benchmarks.md"
-    assert main(["bench", "--smoke", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["--smoke", "--device", "cpu", "--out", str(out)]) == 0
     return out.read_text()
 
 
@@ -99,7 +106,7 @@ def test_smoke_both_allocators_and_the_wrap(smoke_page: str) -> None:
 
 
 def test_only_one_case_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "--smoke", "--only", "forward", "--device", "cpu"]) == 0
+    assert main(["--smoke", "--only", "forward", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "### Forward with another flat vector" in out
     assert "MAML" not in out
@@ -107,8 +114,54 @@ def test_only_one_case_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_unknown_case_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        main(["bench", "--only", "nope"])
+        main(["--only", "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_runs_as_python_dash_m_from_anywhere(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    assert "--smoke" in done.stdout
+    assert "--only" in done.stdout
+    assert DEFAULT_OUT == REPO / "docs" / "benchmarks.md"  # not relative to the cwd
+
+
+def test_the_package_says_where_the_suite_went(capsys: pytest.CaptureFixture[str]) -> None:
+    assert torchreparam_main(["bench", "--smoke"]) == 2
+    assert "python -m benchmarks" in capsys.readouterr().err
+
+
+def _private_imports(source: str) -> set[str]:
+    """``torchreparam`` names imported by ``source`` that start with an underscore."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torchreparam"):
+            names = [*node.module.split(".")[1:], *(a.name for a in node.names)]  # type: ignore[union-attr]
+        elif isinstance(node, ast.Import):
+            names = [
+                p
+                for a in node.names
+                if a.name.startswith("torchreparam.")
+                for p in a.name.split(".")
+            ]
+        else:
+            continue
+        found |= {n for n in names if n.startswith("_")}
+    return found
+
+
+def test_the_suite_imports_only_the_public_api() -> None:
+    found = {
+        (f.name, n)
+        for f in (REPO / "benchmarks").glob("*.py")
+        for n in _private_imports(f.read_text())
+    }
+    assert found == {("models.py", "_resnet")}  # the one named exception (benchmarks/__init__.py)
 
 
 def test_page_keeps_the_sections_it_did_not_measure(tmp_path: Path) -> None:

@@ -1,4 +1,8 @@
-"""Command line: ``python -m torchreparam {demo,bench} [options]``."""
+"""Command line: ``python -m torchreparam demo [options]``.
+
+The benchmark suite is not part of the package: ``python -m benchmarks`` from a clone of the
+repository.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ._bench import cli as bench_cli
 from ._demo import run_demo
 
 __all__ = ["main"]
+
+BENCH_MOVED = (
+    "The benchmark suite is not part of the installed package. From a clone of the repository, "
+    "after 'pip install -e .', run: python -m benchmarks --help"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,19 +35,27 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="64x64 images instead of 224x224")
     demo.add_argument("--image-size", type=int, default=None, help="image side in pixels")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    bench_cli.add_parser(commands)
+    commands.add_parser(
+        "bench",
+        help="moved: the benchmark suite is 'python -m benchmarks' in a clone of the repository",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m torchreparam`` and the ``torchreparam`` script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "bench":  # whatever its options, say where the suite went
+        print(BENCH_MOVED, file=sys.stderr)
+        return 2
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "demo":
         result = run_demo(quick=args.quick, image_size=args.image_size, seed=args.seed)
         ok = result["only_flat"] and result["equal"] and result["grad_nonzero"] > 0
         return 0 if ok else 1
-    if args.command == "bench":
-        return bench_cli.run(args)
     return 2  # argparse rejects unknown commands before this
 
 
