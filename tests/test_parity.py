@@ -490,15 +490,9 @@ ROWS_HF = [
     same_row(H, "hf_generate", "`model.generate(ids)` (greedy)", _hf_values(_generate)),
 ]  # fmt: skip
 
-_NO_ADVICE = "torch's 'ValueError: Module Linear does not have a parameter, a buffer, or a parametrized element with name weight': nothing changes, but the message does not say to register parametrizations before wrapping"
 _SETATTR = "functional_call assigns the module's parameters, which is refused with 'AttributeError: cannot assign to weight of Linear: its values live in the flat parameter ...' (not a ValueError/TypeError/RuntimeError naming functional_call; a plain module runs it)"
 _NOT_REGISTERED = "the managed parameters are not in the modules' _parameters"
 GAPS: dict[str, str] = {  # row -> what goes wrong today (the row is marked xfail(strict=True))
-    "weight_norm_after": _NO_ADVICE,
-    "orthogonal_after": _NO_ADVICE,
-    "spectral_norm_after": _NO_ADVICE,
-    "old_spectral_norm_after": "raises 'KeyError: weight' from torch's internals, not a clear refusal",
-    "remove_parametrizations": "raises 'AttributeError: type object ParametrizedLinear has no attribute weight' from torch's internals, not a clear refusal",
     "stateless_functional_call": _SETATTR,
     "func_functional_call_subset": _SETATTR,
     "averaged_model": f"AveragedModel deep-copies net inside a new parent whose parameters() is empty ({_NOT_REGISTERED}), so update_parameters raises torch's internal 'Expected !nested_tensorlist[0].empty()'",

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._guards import TREE_COPY, check_child, check_new_tensor, plain_copy
+from ._guards import (
+    PARAMETRIZATIONS,
+    TREE_COPY,
+    ManagedParameters,
+    check_child,
+    check_new_tensor,
+    plain_copy,
+)
 from ._inject import (
     CHAIN,
     CORE_KEY,
@@ -368,6 +375,7 @@ def _make_class(spec: _Spec) -> type:
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
         "_torchreparam_spec": spec,
+        "parametrizations": PARAMETRIZATIONS,
     }
     make = _writable_param_property if writes else _param_property
     namespace.update({name: make(name, slot) for name, slot in managed.items()})
@@ -416,6 +424,10 @@ def install(core: Core, root: nn.Module) -> None:
                     flat[entry.slice].copy_(module._parameters[name].reshape(-1))
                 filled.add(slot)
             del module._parameters[name]
+        managed = [name for name, slot in order if slot is not None]
+        if managed:  # (refuses reading or deleting them there, with what to do instead)
+            params = ManagedParameters(module._parameters.items(), type(module).__name__, managed)
+            module.__dict__["_parameters"] = params
         for attr, _ in derived:  # the property computes it now; the stale list would shadow it
             del module.__dict__[attr]
         module.__dict__[CORE_KEY] = core

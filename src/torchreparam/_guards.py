@@ -4,19 +4,36 @@ Module surgery after wrapping would leave ``flat_param`` describing another mode
 or deleted submodule whose weights live in ``flat_param``, a new parameter or buffer outside
 it. Each is refused before anything changes, with what to do instead. A deep copy of one
 submodule is a plain module holding copies of its own weights only.
+
+Parametrizations and hook-based utilities change which tensors hold a module's weights; they are
+recognised at their first step, before they change anything: ``register_parametrization`` and
+``remove_parametrizations`` by the ``parametrizations`` lookup they start with (their own code
+objects, compared: no other caller is affected), and utilities that take a parameter out of
+``module._parameters`` (the old ``nn.utils.spectral_norm`` and ``weight_norm``) by the missing
+key (:class:`ManagedParameters`).
 """
 
 from __future__ import annotations
 
 import copy
+import sys
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._inject import CORE_KEY
 
-__all__ = ["TREE_COPY", "check_child", "check_new_tensor", "plain_copy"]
+__all__ = [
+    "PARAMETRIZATIONS",
+    "TREE_COPY",
+    "ManagedParameters",
+    "check_child",
+    "check_new_tensor",
+    "plain_copy",
+]
 
 TREE_COPY = "_torchreparam_tree_copy"  # set in a deepcopy memo while a whole tree is copied
 
@@ -69,6 +86,89 @@ def check_new_tensor(owner: nn.Module, name: str, kind: str) -> None:
         f"wrapping); {_REWRAP}. torch.nn.utils.prune and parametrizations register tensors: "
         "apply them before wrapping (parametrizations), or prune.remove before wrapping"
     )
+
+
+class _Refused(ValueError, KeyError):
+    """A refusal where a dict lookup would raise ``KeyError`` (code catching that still does)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ManagedParameters(dict):
+    """A managed module's ``_parameters``: a plain dict of the parameters outside ``flat_param``
+    (iteration, ``in`` and ``get`` are dict's own), where reading or deleting the name of a
+    managed parameter is refused with what to do instead of a bare ``KeyError``."""
+
+    def __init__(self, items: Iterable[tuple[str, Any]], owner: str, managed: Iterable[str]):
+        super().__init__(items)
+        self.owner = owner
+        self.managed = frozenset(managed)
+
+    def _refuse(self, key: object, operation: str) -> None:
+        if key in self.managed:
+            raise _Refused(
+                f"{operation} module._parameters[{key!r}] of {self.owner}, a module of a model "
+                f"wrapped by torchreparam: its values live in flat_param (read module.{key}). "
+                "Hook-based utilities that take a parameter out of _parameters "
+                "(nn.utils.spectral_norm, nn.utils.weight_norm) cannot apply after wrapping: use "
+                "torch.nn.utils.parametrizations (spectral_norm, weight_norm, orthogonal), "
+                "registered before wrapping"
+            )
+
+    def __missing__(self, key: str) -> Any:
+        self._refuse(key, "reading")
+        raise KeyError(key)
+
+    def __delitem__(self, key: str) -> None:
+        if not dict.__contains__(self, key):
+            self._refuse(key, "deleting")
+        dict.__delitem__(self, key)
+
+
+_CHANGERS = {  # code -> (name, what to do)
+    parametrize.register_parametrization.__code__: (
+        "register_parametrization",  # (parametrizations.weight_norm, orthogonal, ... call it)
+        "register parametrizations (parametrizations.weight_norm, orthogonal, spectral_norm, "
+        "...) before wrapping",
+    ),
+    parametrize.remove_parametrizations.__code__: (
+        "remove_parametrizations",
+        "remove parametrizations before wrapping",
+    ),
+}
+_IS_PARAMETRIZED = parametrize.is_parametrized.__code__
+
+
+class _Parametrizations:
+    """``module.parametrizations`` of a module of a wrapped tree: what torch's lookup finds
+    (``_modules["parametrizations"]``, else AttributeError), except for the lookup with which
+    ``register_parametrization`` and ``remove_parametrizations`` start, which is refused."""
+
+    def __get__(self, module: nn.Module | None, owner: type | None = None) -> Any:
+        if module is None:
+            return self
+        caller = sys._getframe(1)
+        if caller.f_code is _IS_PARAMETRIZED and caller.f_back is not None:
+            changer = _CHANGERS.get(caller.f_back.f_code)
+            if changer is not None:
+                name = caller.f_locals.get("tensor_name")
+                cls = type(module).__name__
+                raise ValueError(
+                    f"{changer[0]}({cls}, {name!r}) on a model wrapped by torchreparam: {cls} "
+                    "does not have a parameter, a buffer, or a parametrized element with name "
+                    f"{name!r} any more (its weights live in flat_param, whose layout is fixed at "
+                    f"wrapping); {changer[1]}"
+                )
+        found = module.__dict__["_modules"].get("parametrizations")
+        if found is None:
+            raise AttributeError(
+                f"'{type(module).__name__}' object has no attribute 'parametrizations'"
+            )
+        return found
+
+
+PARAMETRIZATIONS = _Parametrizations()
 
 
 def plain_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
