@@ -153,7 +153,7 @@ def _failure() -> bool:
         raise RuntimeError("a layer failed")
 
     before = {k: v.clone() for k, v in r.state_dict().items()}
-    handle = r.module[2].register_forward_pre_hook(fail)
+    handle = net[2].register_forward_pre_hook(fail)  # net is r.module, wrapped in place
     try:
         r(torch.randn(8, 16), flat_param=torch.randn(r.param_numel))
     except RuntimeError as e:
