@@ -25,9 +25,11 @@ from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ._unroll_inputs import Inputs
-from ._unroll_step import MutationProbe, Rng, Step, refuse_mutation
+from ._unroll_step import MutationProbe, Rng, Step
 
 __all__ = ["Plan", "checkpointed"]
+
+MODE = "checkpoint"
 
 Carry = tuple[Tensor, Any, Any]  # (theta, optimizer state, threaded buffers)
 
@@ -52,12 +54,10 @@ class Plan:
             if t % self.segment == 0:
                 self.stored[t] = carry
             before = rng.state()
-            probe = MutationProbe() if t == 0 else None
+            probe = MutationProbe(MODE) if t == 0 else None
             with probe if probe is not None else torch.enable_grad():
                 carry = step(*carry[:2], inputs.build(batch, detached), carry[2], hyper,
                              graph=False, check=True)  # fmt: skip
-            if probe is not None:
-                refuse_mutation(probe, "checkpoint")
             self.rng.append(rng.if_drawn(before))
         # kept detached: the outputs themselves on the plan (held by ctx) would make a cycle
         self.end = (carry[0].detach(), tree_map(_detach, carry[1]), carry[2])
@@ -74,7 +74,6 @@ class Plan:
             adjoint = self._segment(start, end, needs, adjoint, grads)
         for i, a in zip([0, *inputs.state_indices], adjoint, strict=True):
             grads[i] = _add(grads[i], a)
-        self.stored.clear()
         return [g if need else None for g, need in zip(grads, needs, strict=True)]
 
     def _segment(

@@ -26,9 +26,11 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._unroll_inputs import Inputs
-from ._unroll_step import MutationProbe, Step, grad_of, refuse_mutation
+from ._unroll_step import MutationProbe, Step, grad_of
 
 __all__ = ["implicit"]
+
+MODE = "implicit"
 
 
 def _proximal(
@@ -62,12 +64,10 @@ class Plan:
         hyper = inputs.build(inputs.hyper, detached)
         theta, state, buffers = anchor, inputs.build(inputs.state, detached), self.buffers
         for t, batch in enumerate(inputs.batches):
-            probe = MutationProbe() if t == 0 else None
+            probe = MutationProbe(MODE) if t == 0 else None
             with probe if probe is not None else torch.enable_grad():
                 theta, state, buffers = step(theta, state, inputs.build(batch, detached), buffers,
                                              hyper, graph=False, check=True)  # fmt: skip
-            if probe is not None:
-                refuse_mutation(probe, "implicit")
         self.end = (theta.detach(), state, buffers)  # detached: no cycle through ctx
         return theta
 

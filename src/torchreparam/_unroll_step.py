@@ -29,7 +29,6 @@ __all__ = [
     "foreign_leaf",
     "grad_of",
     "refuse_foreign",
-    "refuse_mutation",
 ]
 
 
@@ -116,7 +115,7 @@ def foreign_leaf(loss: Tensor, allowed: Tensor) -> Tensor | None:
         seen.add(fn)
         variable = getattr(fn, "variable", None)  # AccumulateGrad: a leaf that requires grad
         if variable is not None and variable is not allowed:
-            return variable  # type: ignore[no-any-return]
+            return variable
         stack.extend(next_fn for next_fn, _ in fn.next_functions)
     return None
 
@@ -135,12 +134,13 @@ def refuse_foreign(loss: Tensor, leaf: Tensor) -> None:
 
 
 class MutationProbe(TorchDispatchMode):
-    """Records in-place writes to tensors that existed before the probe started."""
+    """Refuses, before it happens, an in-place write to a tensor that existed before the probe
+    started (``mode``: the memory mode, for the message)."""
 
-    def __init__(self) -> None:
+    def __init__(self, mode: str) -> None:
         super().__init__()
+        self.mode = mode
         self.created: set[int] = set()
-        self.changed: list[Tensor] = []
 
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
@@ -152,7 +152,7 @@ class MutationProbe(TorchDispatchMode):
             value = args[i] if i < len(args) else kwargs.get(arg.name)
             for t in value if isinstance(value, list | tuple) else (value,):
                 if isinstance(t, Tensor) and t.numel() and _storage(t) not in self.created:
-                    self.changed.append(t)
+                    _refuse_mutation(t, self.mode)
         out = func(*args, **kwargs)
         self.created.update(_storage(t) for t in tree_leaves(out) if isinstance(t, Tensor))
         return out
@@ -162,18 +162,15 @@ def _storage(t: Tensor) -> int:
     return t.untyped_storage().data_ptr() if t.numel() else 0
 
 
-def refuse_mutation(probe: MutationProbe, mode: str) -> None:
-    """Raise if the probed loss changed tensors it did not make (they would change again)."""
-    if probe.changed:
-        t = probe.changed[0]
-        raise ValueError(
-            f"inner_loss changed a tensor it did not create in place (shape {tuple(t.shape)}, "
-            f"{t.dtype}; BatchNorm's running statistics in train mode do this), and "
-            f"memory={mode!r} evaluates the loss again during backward, which would change it "
-            "again. Thread such buffers through the loop (buffers=..., with an inner_loss("
-            "theta, batch, buffers) that returns r.pure(...)'s new buffers), put those modules "
-            "in eval mode, or use memory='full'"
-        )
+def _refuse_mutation(t: Tensor, mode: str) -> None:
+    raise ValueError(
+        f"inner_loss changes a tensor it did not create in place (shape {tuple(t.shape)}, "
+        f"{t.dtype}; BatchNorm's running statistics in train mode do this), and memory={mode!r} "
+        "evaluates the loss again during backward, which would change it again; refused "
+        "before the change. Thread such buffers through the loop (buffers=..., with an "
+        "inner_loss(theta, batch, buffers) that returns r.pure(...)'s new buffers), put those "
+        "modules in eval mode, or use memory='full'"
+    )
 
 
 class Rng:
