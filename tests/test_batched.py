@@ -163,7 +163,10 @@ def test_changes_to_the_tree_after_a_call_are_seen() -> None:
     torch.testing.assert_close(r(x, flat_param=thetas), _loop(r, thetas, x, per_member=False))
 
     handle = r.module[2].register_forward_hook(lambda m, i, o: o * 2)  # a hook: no plan
-    with unchanged(r, x), pytest.raises(ValueError, match="strategy 'batched' takes"):
+    with (
+        unchanged(r, x),
+        pytest.raises(ValueError, match="strategy 'batched' has no plan for this call"),
+    ):
         r(x, flat_param=thetas)
     r.population_strategy = "auto"  # honours the hook, through vmap or the loop
     torch.testing.assert_close(r(x, flat_param=thetas), _loop(r, thetas, x, per_member=False))
@@ -171,7 +174,7 @@ def test_changes_to_the_tree_after_a_call_are_seen() -> None:
 
     r.population_strategy = "batched"
     r.module.append(nn.Dropout(0.5))  # train mode: random, per member: no plan
-    with pytest.raises(ValueError, match="strategy 'batched' takes"):
+    with pytest.raises(ValueError, match="strategy 'batched' has no plan for this call"):
         r(x, flat_param=thetas)
     r.module[-1].eval()
     torch.testing.assert_close(r(x, flat_param=thetas), _loop(r, thetas, x, per_member=False))
@@ -181,7 +184,7 @@ def test_global_hooks_disable_the_plan() -> None:
     r, x, thetas = _planned()
     handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
     try:
-        with pytest.raises(ValueError, match="strategy 'batched' takes"):
+        with pytest.raises(ValueError, match="strategy 'batched' has no plan for this call"):
             r(x, flat_param=thetas)
     finally:
         handle.remove()
@@ -193,20 +196,24 @@ def test_global_hooks_disable_the_plan() -> None:
         nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU()),
         nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
         nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=-1)),  # not elementwise: dims shift
-        nn.Sequential(nn.Linear(4, 4), nn.PReLU()),
-        nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)),
+        nn.Sequential(nn.Linear(4, 4), nn.PReLU()),  # (no rule: F.prelu under vmap)
     ],
-    ids=["conv", "batchnorm", "softmax", "prelu", "parametrized"],
+    ids=["conv", "batchnorm", "softmax", "prelu"],
 )
-def test_other_trees_are_refused_before_anything_changes(module: nn.Module) -> None:
+def test_trees_beyond_the_mlp_take_the_graph_plan(module: nn.Module, no_loop: None) -> None:
     r = ReparamModule(module).eval()
     r.population_strategy = "batched"
-    x = (
-        torch.randn(2, 2, 5)
-        if isinstance(module[0] if isinstance(module, nn.Sequential) else module, nn.Conv1d)
-        else torch.randn(2, 4)
-    )
-    with unchanged(r, x), pytest.raises(ValueError, match=re.escape("strategy 'batched' takes")):
+    x = torch.randn(2, 2, 5) if isinstance(module[0], nn.Conv1d) else torch.randn(2, 4)
+    thetas = torch.randn(3, r.param_numel)
+    torch.testing.assert_close(r(x, flat_param=thetas), _loop(r, thetas, x, per_member=False))
+
+
+def test_parametrized_trees_are_refused_before_anything_changes() -> None:
+    r = ReparamModule(nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))).eval()
+    r.population_strategy = "batched"
+    x = torch.randn(2, 4)
+    message = "strategy 'batched' has no plan for this call: module '(root)' (ParametrizedLinear) is parametrized"
+    with unchanged(r, x), pytest.raises(ValueError, match=re.escape(message)):
         r(x, flat_param=torch.randn(3, r.param_numel))
 
 
@@ -215,7 +222,7 @@ def test_keyword_inputs_and_frozen_weights_are_refused() -> None:
     net[2].bias.requires_grad_(False)
     r = ReparamModule(net, include="trainable")  # the frozen bias is not in the vector
     r.population_strategy = "batched"
-    with pytest.raises(ValueError, match="strategy 'batched' takes"):
+    with pytest.raises(ValueError, match="strategy 'batched' has no plan for this call"):
         r(torch.randn(3, 4), flat_param=torch.randn(2, r.param_numel))
 
 
@@ -274,7 +281,7 @@ def test_dropout_rate_changes_and_odd_attributes() -> None:
     r.module[0].p = torch.tensor([3.0, 4.0])  # (not Dropout's rate: no part of the plan)
     torch.testing.assert_close(r(x, flat_param=thetas), _loop(r, thetas, x, per_member=False))
     drop.p = 0.5  # now random: the remembered plan no longer holds
-    with pytest.raises(ValueError, match="strategy 'batched' takes"):
+    with pytest.raises(ValueError, match="strategy 'batched' has no plan for this call"):
         r(x, flat_param=thetas)
 
 
@@ -373,18 +380,19 @@ def _instance_forward() -> nn.Module:
     [
         _instance_forward,
         lambda: nn.Sequential(nn.Linear(3, 4), _Doubled(), nn.Linear(4, 2)),
-        lambda: _Reversed(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3)),
         lambda: nn.Sequential(nn.ReLU(inplace=True), nn.Linear(3, 2)),
-        lambda: nn.Sequential(nn.Linear(3, 0), nn.Linear(0, 2)),
     ],
-    ids=["instance_forward", "call_override", "iter_override", "inplace", "empty_linear"],
+    ids=["instance_forward", "call_override", "inplace"],
 )
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
 def test_trees_that_look_planned_but_run_otherwise_are_refused(factory: Factory) -> None:
     r = ReparamModule(factory())
     x, thetas = torch.randn(5, 3), torch.randn(3, r.param_numel)
     r.population_strategy = "batched"
-    with unchanged(r), pytest.raises(ValueError, match="strategy 'batched' takes"):
+    with (
+        unchanged(r),
+        pytest.raises(ValueError, match="strategy 'batched' has no plan for this call"),
+    ):
         r(x, flat_param=thetas)
     r.population_strategy = "auto"
     torch.testing.assert_close(
@@ -392,16 +400,31 @@ def test_trees_that_look_planned_but_run_otherwise_are_refused(factory: Factory)
     )
 
 
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: _Reversed(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3)),
+        lambda: nn.Sequential(nn.Linear(3, 0), nn.Linear(0, 2)),
+    ],
+    ids=["iter_override", "empty_linear"],
+)
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_trees_the_mlp_plan_refuses_are_traced_as_they_run(factory: Factory) -> None:
+    r = ReparamModule(factory())  # (the graph follows the overridden __iter__, in its order)
+    x, thetas = torch.randn(5, 3), torch.randn(3, r.param_numel)
+    r.population_strategy = "batched"
+    torch.testing.assert_close(r(x, flat_param=thetas), _loop(r, thetas, x, per_member=False))
+
+
 def test_remembered_plan_sees_a_patched_forward_and_a_new_class() -> None:
     r, x, thetas = _planned()
     r.module[1].forward = lambda t: t * 10
-    with pytest.raises(ValueError, match="strategy 'batched' takes"):
+    with pytest.raises(ValueError, match="strategy 'batched' has no plan for this call"):
         r(x, flat_param=thetas)
     del r.module[1].forward
     r(x, flat_param=thetas)  # planned again
-    r.module[1].__class__ = _Softmax
-    with pytest.raises(ValueError, match="strategy 'batched' takes"):
-        r(x, flat_param=thetas)
+    r.module[1].__class__ = _Softmax  # its forward now: traced through, a softmax
+    torch.testing.assert_close(r(x, flat_param=thetas), _loop(r, thetas, x, per_member=False))
 
 
 def test_output_is_contiguous_and_flatten_subclasses_act_per_member(no_loop: None) -> None:

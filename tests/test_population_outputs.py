@@ -103,11 +103,6 @@ def test_none_stays_none_with_every_strategy(strategy: str) -> None:
 
     r = ReparamModule(MaybeWeights()).eval()
     thetas, x = 0.3 * torch.randn(3, r.param_numel), torch.randn(2, 5, 4)
-    if strategy == "batched":  # (not a tree the batched call takes: refused, clearly)
-        r.population_strategy = "batched"
-        with pytest.raises(ValueError, match="strategy 'batched' takes"):
-            r(x, flat_param=thetas)
-        return
     r.population_strategy = strategy
     out, weights = r(x, flat_param=thetas)
     assert weights is None

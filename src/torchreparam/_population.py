@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from ._batched import Plan, plan
+from ._batched_graph import GraphPlan, graph_plan
 from ._call import call, transactional
 from ._checks import check_buffers, check_flat_param, check_in_dims
 from ._inject import Core
@@ -112,14 +113,10 @@ def call_population(
         strategy = "vmap"  # timing cannot be traced; in a graph the batched call is the one
     job = Job(core, fn, args, kwargs, thetas, bound, dims, buffer_dims, kw_dims, randomness)
     if strategy in ("auto", "batched"):
-        job.steps = _batched_plan(core, fn, args, kwargs)
+        job.steps, why = batched_plan(core, fn, args, kwargs)
         if strategy == "batched" and job.steps is None:
             raise ValueError(
-                "strategy 'batched' takes a module tree of nn.Sequential, nn.Linear, elementwise "
-                "activations (not inplace), nn.Flatten and inactive nn.Dropout, as torch defines "
-                "them (no hooks, no patched forward or __call__), without buffers, called with "
-                "one tensor and no keyword inputs; this call is not one: use 'auto', 'vmap' or "
-                "'loop'"
+                f"strategy 'batched' has no plan for this call: {why}; use 'auto', 'vmap' or 'loop'"
             )
     plans = plans if plans is not None else {}
 
@@ -209,16 +206,28 @@ def _dispatch(
     return lambda: _auto(job, plans)
 
 
-def _batched_plan(
+def batched_plan(
     core: Core, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Plan | None:
-    """The written-out batched plan for this call (:mod:`._batched`), if the tree has one."""
-    if core.buffer_names or kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
-        return None
+) -> tuple[Plan | GraphPlan | None, str]:
+    """The batched plan for this call, if the tree has one (:mod:`._batched` for a
+    ``Sequential`` MLP, else :mod:`._batched_graph`), or ``None`` and the reason."""
+    if kwargs:
+        return None, "it has keyword inputs"
+    if not args or not all(isinstance(a, Tensor) for a in args):
+        return None, "its positional inputs are not all tensors"
     if not isinstance(fn, nn.Module):  # (fn: the root of the tree the layout describes)
-        return None
+        return None, "it does not call a module"
+    compiling = torch.compiler.is_compiling()
     # (while compiling, nothing is remembered: a memo written in a graph would be a guard)
-    return plan(fn, core.layout, {} if torch.compiler.is_compiling() else core.memo)
+    memo = {} if compiling else core.memo
+    if not core.buffer_names and len(args) == 1:
+        mlp = plan(fn, core.layout, memo)
+        if mlp is not None:
+            return mlp, ""
+    if compiling:
+        return None, "it is being compiled (torch.fx does not trace inside torch.compile)"
+    made = graph_plan(fn, core, memo)
+    return (made, "") if isinstance(made, GraphPlan) else (None, made)
 
 
 def _vmap_is_exact(core: Core, bound: list[Tensor] | None, dims: tuple[int | None, ...]) -> bool:

@@ -22,6 +22,8 @@ from torch.utils._pytree import (
 )
 
 from ._batched import Plan, run
+from ._batched_graph import GraphPlan, run_graph
+from ._batched_rules import Stacked
 from ._call import call, write_back
 from ._inject import Core, call_bound
 
@@ -57,7 +59,7 @@ class Job:
         self.core, self.fn, self.args, self.kwargs = core, fn, args, kwargs
         self.thetas, self.buffers, self.dims, self.buffer_dims = thetas, buffers, dims, buffer_dims
         self.kw_dims, self.randomness = kw_dims, randomness
-        self.steps: Plan | None = None  # set where the module has a batched plan
+        self.steps: Plan | GraphPlan | None = None  # set where the module has a batched plan
 
     def part(self, start: int, stop: int) -> Job:
         """The members ``start:stop`` as a job of their own (views: buffers update in place)."""
@@ -81,8 +83,29 @@ class Job:
         fit it (the loop raises the module's own error, if any)."""
         assert self.steps is not None
         thetas = self.thetas if thetas is None else thetas
-        out = run(self.steps, self.core.views.rows(thetas), self.args[0], self.dims[0] == 0)
-        return self.loop() if out is None else (_ONE_TENSOR, [out])
+        rows = self.core.views.rows(thetas)
+        if isinstance(self.steps, Plan):
+            out = run(self.steps, rows, self.args[0], self.dims[0] == 0)
+            return self.loop() if out is None else (_ONE_TENSOR, [out])
+        try:  # (side-effect free: the plan refuses modules that update buffers)
+            made = run_graph(
+                self.steps, rows, self.args, self.dims, self.graph_buffers(), self.randomness
+            )
+        except Exception:  # an input that does not fit: the loop raises the module's own error
+            made = None
+        if made is None:
+            return self.loop()
+        leaves, spec = tree_flatten(made)
+        return spec, leaves
+
+    def graph_buffers(self) -> dict[str, Stacked]:
+        """The buffers the members read, by name: per member (stacked) or shared."""
+        names = self.core.buffer_names
+        if self.buffers is not None:
+            pairs = zip(self.buffers, self.buffer_dims, strict=True)
+            return {n: Stacked(b, d == 0) for n, (b, d) in zip(names, pairs, strict=True)}
+        shared = self.shared_buffers() or self.core.own_buffers()
+        return {n: Stacked(b, False) for n, b in zip(names, shared, strict=True)}
 
     def key(self) -> tuple[Any, ...]:
         """What the faster strategy depends on: sizes, dtypes, grad, train/eval modes."""

@@ -1,0 +1,393 @@
+"""The batched plan of any module: its forward traced once into a graph, run for all members.
+
+``torch.fx`` traces the root's ``forward`` once; modules that have a rule
+(:mod:`._batched_rules`) stay single nodes, every other module's ``forward`` is traced through,
+so arbitrary forward code (residual blocks, custom heads) becomes a graph of layers and
+functions. Running the graph for a population evaluates each node once for all members: a
+module node by its rule over the members' stacked weights, a function node by its rule or, where
+none exists, under ``torch.func.vmap`` for that node alone. Nodes that read no member's value
+(shared inputs, buffers) run once, as shared values.
+
+A graph is trusted only while what it baked in still holds, rechecked before every use: the
+classes, instance-level ``forward``, hooks (which tracing bypasses), children, train/eval modes
+and every plain attribute of every module of the tree (a graph bakes Python values in), and no
+global module hook. Refused at planning (then ``vmap`` or the loop runs): a forward that fx
+cannot trace (data-dependent control flow), a module that updates buffers (train mode with
+buffers), parametrized or frozen weights, an in-place operation on a shared value, a weight
+that reaches the forward as a plain tensor instead of a parameter.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from ._batched import _called_as_torch_defines, _global_hooks, _hooked
+from ._batched_rules import FUNCTIONS, METHODS, Stacked, module_rule
+from ._inject import Core, bind
+from ._layout import FlatLayout
+
+__all__ = ["GraphPlan", "graph_plan"]
+
+_INPLACE_METHODS_SUFFIX = "_"
+_INPLACE_OPERATORS = frozenset(
+    [operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow,
+     operator.iand, operator.ior, operator.imatmul, operator.setitem]
+)  # fmt: skip
+_OUT_OF_PLACE = frozenset(
+    [operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.mul,
+     torch.relu, torch.tanh, torch.sigmoid]
+)  # fmt: skip
+_INPLACE_FLAG = frozenset([torch.nn.functional.relu, torch.nn.functional.dropout])
+
+
+class _Refused(Exception):
+    """The module has no graph plan (the reason is the message)."""
+
+
+class GraphPlan:
+    """A traced graph of a module tree and what it assumed of each module."""
+
+    __slots__ = ("constants", "graph", "leaves", "nodes", "params", "root", "seen", "vmapped")
+
+    def __init__(
+        self,
+        root: nn.Module,
+        graph: fx.Graph,
+        constants: dict[str, Tensor],
+        leaves: dict[str, nn.Module],
+        seen: tuple[tuple[nn.Module, Any], ...],
+    ) -> None:
+        self.root, self.graph, self.constants, self.leaves, self.seen = (
+            root, graph, constants, leaves, seen
+        )  # fmt: skip
+        self.nodes = tuple(graph.nodes)
+        self.vmapped = tuple(
+            _describe(n) for n in self.nodes if n.op in ("call_function", "call_method")
+            and _rule_of(n) is None
+        )  # fmt: skip
+        self.params: dict[str, int] = {}
+
+    def holds(self, root: nn.Module) -> bool:
+        if root is not self.root or _global_hooks():
+            return False
+        return all(_state(m) == state for m, state in self.seen)
+
+
+def _describe(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+
+
+def _rule_of(node: fx.Node) -> Any:
+    if node.op == "call_method":
+        return METHODS.get(node.target)  # type: ignore[arg-type]
+    if node.target is operator.getitem:
+        return True  # (containers: indexed directly; tensors: under vmap)
+    return FUNCTIONS.get(node.target)
+
+
+def _state(module: nn.Module) -> tuple[Any, ...]:
+    """What a graph of ``module`` baked in: class, hooks, mode, children, plain attributes."""
+    state = module.__dict__
+    plain = tuple(
+        (k, v if isinstance(v, int | float | str | bool | type(None)) else id(v))
+        for k, v in state.items()
+        if not k.startswith("_") or k in ("_torchreparam_plain",)
+    )
+    return (type(module), _hooked(module), tuple(state["_modules"].values()), plain)
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, layout: FlatLayout, flat: Tensor) -> None:
+        super().__init__(autowrap_functions=())
+        self.layout, self.flat_ptr = layout, flat.untyped_storage().data_ptr()
+        self.constants: dict[str, Tensor] = {}
+        self.leaves: dict[str, nn.Module] = {}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if module_rule(m) is None:
+            return False
+        self.leaves[qualname] = m
+        return True
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, Tensor) and not isinstance(a, nn.Parameter):
+            if any(a is b for b in self.root.buffers()):
+                return super().create_arg(a)
+            if a.untyped_storage().data_ptr() == self.flat_ptr:
+                raise _Refused("a weight reaches the forward as a plain tensor")
+            name = f"_constant{len(self.constants)}"
+            self.constants[name] = a
+            return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+
+def graph_plan(root: nn.Module, core: Core, memo: dict[str, Any]) -> GraphPlan | str:
+    """The graph plan of ``root``, or the reason it has none (remembered while it holds)."""
+    cached = memo.get("graph")
+    if isinstance(cached, GraphPlan) and cached.holds(root):
+        return cached
+    reason = memo.get("graph_refused")
+    if reason is not None and reason[0] == _tree_state(root):
+        return reason[1]
+    try:
+        made = _make(root, core)
+    except _Refused as refused:
+        memo["graph_refused"] = (_tree_state(root), str(refused))
+        return str(refused)
+    except Exception as error:  # fx cannot trace it: data-dependent control flow, say
+        why = f"torch.fx cannot trace the forward ({type(error).__name__}: {error})"
+        memo["graph_refused"] = (_tree_state(root), why)
+        return why
+    memo["graph"] = made
+    return made
+
+
+def _tree_state(root: nn.Module) -> tuple[Any, ...]:
+    return (bool(_global_hooks()), *(_state(m) for m in root.modules()))
+
+
+def _make(root: nn.Module, core: Core) -> GraphPlan:
+    layout = core.layout
+    if _global_hooks():
+        raise _Refused("global module hooks are registered")
+    for name, m in root.named_modules():
+        where = f"module {name or '(root)'!r} ({type(m).__name__})"
+        if _hooked(m) or not _called_as_torch_defines(type(m)):
+            raise _Refused(f"{where} has hooks or a patched forward/__call__")
+        if parametrize.is_parametrized(m):
+            raise _Refused(f"{where} is parametrized")
+        if m.training and next(m.buffers(recurse=False), None) is not None:
+            raise _Refused(f"{where} is in train mode with buffers (it may update them)")
+    tracer = _Tracer(layout, core.flat())
+    own = core.own_buffers()
+    copies = [b.clone() for b in own]
+    given = list(copies)
+    before = _tree_state(root)
+    with torch.no_grad(), bind(core, None, copies):  # (a buffer it reassigns lands in copies)
+        graph = tracer.trace(root)
+    if any(
+        a is not b or not torch.equal(a, b0) for a, b, b0 in zip(copies, given, own, strict=True)
+    ):
+        raise _Refused("the forward changes a buffer (the graph would not)")
+    if _tree_state(root) != before:
+        raise _Refused("the forward changes its modules' attributes (the graph would not)")
+    produced = {n for n in graph.nodes if n.op == "call_module" or _fresh(n)}
+    for node in graph.nodes:
+        _check_node(node, tracer.leaves, layout, produced)
+    seen = tuple((m, _state(m)) for m in root.modules())
+    made = GraphPlan(root, graph, tracer.constants, tracer.leaves, seen)
+    made.params = {name: layout.position(name) for name in layout.names}
+    for alias_owner in layout.entries:
+        for alias in alias_owner.aliases:
+            made.params[alias] = layout.position(alias_owner.name)
+    return made
+
+
+def _random(node: fx.Node) -> bool:
+    """Whether ``node`` draws random numbers (dropout in training, ``rand*``, ``bernoulli``)."""
+    name = _describe(node)
+    if "dropout" in name:
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        rate = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        return bool(training is not False and rate != 0)
+    return any(word in name for word in ("rand", "bernoulli", "normal", "multinomial", "poisson"))
+
+
+def _fresh(node: fx.Node) -> bool:
+    """Whether ``node`` makes a new tensor (an out-of-place elementwise function)."""
+    if node.op == "call_method":
+        return node.target in ("add", "sub", "mul", "div", "relu", "tanh", "sigmoid", "exp")
+    return node.op == "call_function" and node.target in _OUT_OF_PLACE
+
+
+def _check_node(
+    node: fx.Node, leaves: dict[str, nn.Module], layout: FlatLayout, produced: set[fx.Node]
+) -> None:
+    if node.op == "call_module":
+        module = leaves[node.target]  # type: ignore[index]
+        _, names = module_rule(module)  # type: ignore[misc]
+        for attr in names:
+            if attr in module._parameters and module._parameters[attr] is not None:
+                full = f"{node.target}.{attr}"
+                if full not in layout:
+                    raise _Refused(f"weight {full!r} is not in flat_param (frozen)")
+        if node.kwargs or len(node.args) != 1:
+            raise _Refused(f"module {node.target!r} is called with other than one input")
+    if node.op in ("call_method", "call_function") and _random(node):
+        raise _Refused(
+            f"{_describe(node)} draws random numbers (each member draws its own in the loop; "
+            "vmap or the loop run it)"
+        )
+    if node.op in ("call_method", "call_function"):
+        target = node.target
+        inplace = (
+            (isinstance(target, str) and target.endswith(_INPLACE_METHODS_SUFFIX))
+            or target in _INPLACE_OPERATORS
+            or node.kwargs.get("inplace") is True
+            or (len(node.args) > 1 and target in _INPLACE_FLAG and node.args[-1] is True)
+        )
+        first = node.args[0] if node.args else None
+        if inplace and not (isinstance(first, fx.Node) and first in produced):
+            raise _Refused(
+                f"{_describe(node)} changes in place a value that is not a layer's or an "
+                "arithmetic output (an input, a buffer, a view of one)"
+            )
+
+
+def run_graph(
+    made: GraphPlan,
+    rows: tuple[Tensor, ...],
+    args: tuple[Any, ...],
+    dims: tuple[int | None, ...],
+    buffers: dict[str, Stacked],
+    randomness: str,
+) -> Any:
+    """The population's output (stacked leaves), or ``None`` when an input does not fit."""
+    population = rows[0].shape[0] if rows else 0
+    if not rows:
+        return None
+    env: dict[fx.Node, Stacked] = {}
+    placeholders = iter(zip(args, dims, strict=True))
+    for node in made.nodes:
+        op = node.op
+        if op == "placeholder":
+            given = next(placeholders, None)
+            if given is None:
+                if not node.args:
+                    return None
+                env[node] = Stacked(node.args[0], False)  # a default value
+            else:
+                env[node] = Stacked(given[0], given[1] == 0)
+        elif op == "get_attr":
+            env[node] = _attr(made, node.target, rows, buffers)
+        elif op == "call_module":
+            x = env[node.args[0]]
+            if not isinstance(x.value, Tensor):
+                return None
+            layer = _module(made, node.target, x, rows, buffers, population)
+            if layer is None:
+                return None
+            env[node] = Stacked(layer, True)
+        elif op in ("call_function", "call_method"):
+            out = _call(node, env, randomness)
+            if out is None:
+                return None
+            env[node] = out
+        else:  # output
+            result = tree_map(
+                lambda n: env[n] if isinstance(n, fx.Node) else Stacked(n, False), node.args[0]
+            )
+            return _output(result, population)
+    return None
+
+
+def _attr(made: GraphPlan, target: str, rows: tuple[Tensor, ...],
+          buffers: dict[str, Stacked]) -> Stacked:  # fmt: skip
+    if target in made.params:
+        return Stacked(rows[made.params[target]], True)
+    if target in buffers:
+        return buffers[target]
+    if target in made.constants:
+        return Stacked(made.constants[target], False)
+    return Stacked(_get(made.root, target), False)
+
+
+def _get(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _module(made: GraphPlan, target: str, x: Stacked, rows: tuple[Tensor, ...],
+            buffers: dict[str, Stacked], population: int) -> Tensor | None:  # fmt: skip
+    module = made.leaves[target]
+    rule, names = module_rule(module)  # type: ignore[misc]
+    weights: dict[str, Tensor | None] = {}
+    for attr in names:
+        full = f"{target}.{attr}"
+        if full in made.params:
+            weights[attr] = rows[made.params[full]]
+        elif full in buffers:
+            weights[attr] = buffers[full].value
+        else:
+            weights[attr] = None
+    return rule(module, weights, x.value, x.stacked, population)
+
+
+def _call(node: fx.Node, env: dict[fx.Node, Stacked], randomness: str) -> Stacked | None:
+    flat, spec = tree_flatten((node.args, node.kwargs))
+    values = [env[v] if isinstance(v, fx.Node) else Stacked(v, False) for v in flat]
+    stacked = tuple(v.stacked for v in values)
+    plain = [v.value for v in values]
+    args, kwargs = tree_unflatten(plain, spec)
+    target = node.target
+    if not any(stacked):  # every member computes the same: once
+        fn = getattr(args[0], target) if isinstance(target, str) else target
+        return Stacked(fn(*(args[1:] if isinstance(target, str) else args), **kwargs), False)
+    if target is operator.getitem and not isinstance(args[0], Tensor):
+        return Stacked(args[0][args[1]], stacked[0])  # (a container of stacked values)
+    top = tuple(env[a].stacked if isinstance(a, fx.Node) else False for a in node.args)
+    rule = METHODS.get(target) if isinstance(target, str) else FUNCTIONS.get(target)
+    if rule is not None and not any(  # (tensors nested in containers: vmap sees them)
+        isinstance(a, list | tuple) and any(isinstance(x, Tensor) for x in a) for a in args
+    ):
+        out = rule(target, tuple(args), dict(kwargs), top)
+        if out is not NotImplemented:
+            return Stacked(out, isinstance(out, Tensor))
+    return _vmapped(target, flat, spec, values, randomness)
+
+
+def _vmapped(target: Any, flat: list[Any], spec: Any, values: list[Stacked],
+             randomness: str) -> Stacked | None:  # fmt: skip
+    """One node under ``vmap``: its stacked operands mapped over, the rest closed over."""
+    mapped = [i for i, v in enumerate(values) if v.stacked and isinstance(v.value, Tensor)]
+    if len(mapped) != sum(v.stacked for v in values):
+        return None  # (a stacked container: not a tensor vmap can map over)
+
+    def member(*tensors: Tensor) -> Any:
+        plain = [v.value for v in values]
+        for i, t in zip(mapped, tensors, strict=True):
+            plain[i] = t
+        args, kwargs = tree_unflatten(plain, spec)
+        if isinstance(target, str):
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        return target(*args, **kwargs)
+
+    out = torch.func.vmap(member, randomness=randomness)(*(values[i].value for i in mapped))
+    return Stacked(out, True)
+
+
+def _output(result: Any, population: int) -> Any:
+    leaves, spec = tree_flatten(_plain_containers(result), is_leaf=lambda v: isinstance(v, Stacked))
+    out: list[Tensor | None] = []
+    for leaf in leaves:
+        value = leaf.value if isinstance(leaf, Stacked) else leaf
+        if value is None:
+            out.append(None)
+        elif not isinstance(value, Tensor):
+            return None  # (values that are not tensors: the loop gives each member's)
+        elif leaf.stacked:
+            out.append(value.contiguous())
+        else:  # computed once: every member's copy
+            out.append(value.unsqueeze(0).expand(population, *value.shape).contiguous())
+    return tree_unflatten(out, spec)
+
+
+def _plain_containers(value: Any) -> Any:
+    """fx's immutable lists and dicts in an output as plain ones (as the module returns)."""
+    if isinstance(value, dict):
+        return {k: _plain_containers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_containers(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_plain_containers(v) for v in value)
+    return value
