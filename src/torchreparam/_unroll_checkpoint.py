@@ -50,9 +50,10 @@ class Plan:
         hyper = inputs.build(inputs.hyper, detached)
         carry: Carry = (detached[0], inputs.build(inputs.state, detached), self.buffers)
         rng = Rng(detached[0])
+        bank = _Bank(-(-len(inputs.batches) // self.segment))
         for t, batch in enumerate(inputs.batches):
             if t % self.segment == 0:
-                self.stored[t] = carry
+                self.stored[t] = bank.keep(t // self.segment, carry)
             before = rng.state()
             probe = MutationProbe(MODE) if t == 0 else None
             with probe if probe is not None else torch.enable_grad():
@@ -126,6 +127,30 @@ class Plan:
                     "torch.Generator (draw them in the batches instead), or read a tensor that "
                     "changed after unroll() returned. Use memory='full' for such a loss"
                 )
+
+
+class _Bank:
+    """The stored carries' tensors in rows of one preallocated tensor each: one allocation
+    per tensor of the carry, not one per stored step between every step's temporaries (which
+    fragments the heap: measured 47 MB instead of 30 MB for 80 more stored vectors)."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.rows: dict[tuple[Any, ...], Tensor] = {}
+
+    def keep(self, slot: int, carry: Carry) -> Carry:
+        leaves, spec = tree_flatten(carry[:2])
+        kept = []
+        for position, x in enumerate(leaves):
+            if _floating(x):
+                key = (position, x.shape, x.dtype, x.device)
+                rows = self.rows.get(key)
+                if rows is None:
+                    rows = self.rows[key] = x.new_empty((self.slots, *x.shape))
+                x = rows[slot].copy_(x)
+            kept.append(x)
+        theta, state = tree_unflatten(kept, spec)
+        return theta, state, carry[2]
 
 
 def _floating(x: Any) -> bool:
