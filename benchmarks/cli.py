@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"run only this case (repeatable): {', '.join(CASES)}",
     )
     parser.add_argument(
+        "--rewrite",
+        action="store_true",
+        help="measure nothing: write the page again from its own figures (after a change to "
+        "the page's layout)",
+    )
+    parser.add_argument(
         "--device",
         action="append",
         choices=["cpu", "cuda"],
@@ -59,6 +65,11 @@ def _summary(tables: list[Table]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the suite as ``argv`` says; print the verdicts; write the page."""
     args = _parser().parse_args(argv)
+    if args.rewrite:
+        page = Path(args.out or DEFAULT_OUT)
+        write_page(page, {})
+        print(f"wrote {page} from its own figures")
+        return 0
     devices = args.device or ["cpu", "cuda"]
     sections, tables = run_suite(smoke=args.smoke, only=args.only, devices=devices)
     out = args.out

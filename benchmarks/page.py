@@ -6,24 +6,21 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["HEADER", "compose_page", "write_page"]
+from .report import parse_section, render_section
+from .summary import in_short
 
-HEADER = """\
+__all__ = ["compose_page", "write_page"]
+
+TITLE = """\
 # Benchmarks
 
-Written by the benchmark suite; do not edit by hand. Run it again with
+torchreparam against the plain module, `torch.func.functional_call`, `higher`,
+`vector_to_parameters` and the original torchreparam, each table measured side by side in one
+process. Written by the benchmark suite (`python -m benchmarks`, [below](#running-the-suite));
+do not edit by hand.
+"""
 
-```bash
-python -m benchmarks              # the full suite, writes docs/benchmarks.md
-python -m benchmarks --smoke      # tiny budgets: checks that every case runs
-python -m benchmarks --only maml  # one case (see --help for the list)
-```
-
-from the repository's root, after `pip install -e .` (the suite is not part of the package).
-
-The optional peers come from `pip install higher transformers tqdm`; a peer that is not
-installed is listed as skipped.
-
+FOOTER = """\
 ## Method
 
 - Every contender of a table runs in the same process, in interleaved rounds: each round
@@ -64,6 +61,18 @@ or preload another allocator (jemalloc, tcmalloc). The same holds for non-fused 
 over one flat parameter, whose temporaries are flat too: Adam over a 47 MB `flat_param`
 took 22,800 page faults per step with `foreach=False`, 11,400 with `foreach=True` and none
 with `fused=True` (measured here, default allocator). Prefer `fused=True`.
+## Running the suite
+
+From the repository's root, after `pip install -e .` (the suite is not part of the package):
+
+```bash
+python -m benchmarks              # the full suite (about 5 minutes), writes docs/benchmarks.md
+python -m benchmarks --smoke      # tiny budgets: checks that every case runs
+python -m benchmarks --only maml  # one case (see --help for the list)
+```
+
+The optional peers come from `pip install higher transformers tqdm`; a peer that is not
+installed is listed as skipped. A run keeps the sections of the devices it did not measure.
 """
 
 PLACEHOLDERS = {
@@ -80,11 +89,19 @@ def _section_of(page: str, name: str) -> str | None:
 
 
 def compose_page(sections: Mapping[str, str], existing: str | None) -> str:
-    """The page: the fixed text, then each device's section, new or kept from ``existing``."""
-    parts = [HEADER]
+    """The page: the summary of the first measured device, then each device's section (new, or
+    kept from ``existing``), then the method."""
+    bodies = {n: sections.get(n) or (existing and _section_of(existing, n)) for n in PLACEHOLDERS}
+    # each measured section read back and written again: kept ones take the current layout
+    measured = {n: parse_section(b) for n, b in bodies.items() if b and "\n|" in b}  # has tables
+    parts = [TITLE]
+    summary = next((lines for lines in map(in_short, measured.values()) if lines), [])
+    if summary:
+        parts += ["## In short", "", *summary, ""]
     for name, placeholder in PLACEHOLDERS.items():
-        body = sections.get(name) or (existing and _section_of(existing, name)) or placeholder
+        body = render_section(measured[name]) if name in measured else placeholder
         parts += [f"<!-- bench:{name} -->", body.strip(), f"<!-- /bench:{name} -->", ""]
+    parts.append(FOOTER)
     return "\n".join(parts)
 
 

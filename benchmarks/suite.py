@@ -16,7 +16,7 @@ from .latency import backward_case, forward_case, per_tensor_case
 from .maml import maml_case
 from .optim import adam_case
 from .population import population_case
-from .report import Table, environment, load_average, render_section
+from .report import Section, Table, environment, load_average, render_section
 from .timing import threads
 from .wrap import wrap_case
 
@@ -81,7 +81,8 @@ def run_device(device: str, smoke: bool, only: Sequence[str]) -> tuple[str, list
         f"{sum(seconds.values()):.0f} s in all.",
     ]
     title = "CPU, one thread" if device == "cpu" else "CUDA"
-    return render_section(title, environment(device, THREADS, load), tables, intro), tables
+    section = Section(title, intro, environment(device, THREADS, load), tables)
+    return render_section(section), tables
 
 
 def run_suite(

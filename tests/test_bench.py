@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from benchmarks import gpt2, models, page, peers
+from benchmarks import gpt2, models, page, peers, report, summary
 from benchmarks.cli import DEFAULT_OUT, main
 from benchmarks.original import OriginalReparamModule
 from benchmarks.population import _never_slower
@@ -61,13 +61,37 @@ def smoke_page(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_smoke_page_has_every_target(smoke_page: str) -> None:
-    summary = _section(smoke_page, "Targets")
+    summary = _section(smoke_page, "Targets, CPU")
     for title in TARGETS:
         assert f"| {title}" in summary, title
         assert f"### {title}" in smoke_page, title
-    verdicts = re.findall(r"Result: \*\*(\w+)", smoke_page)
+    verdicts = re.findall(r"^\| [^|]+ \| .+ \| (\w+)", summary, re.M)[1:]  # (after the header)
     assert len(verdicts) == len(TARGETS)
     assert set(verdicts) <= {"met", "missed"}
+
+
+def test_smoke_page_opens_with_a_summary_and_ends_with_the_method(smoke_page: str) -> None:
+    order = [
+        smoke_page.index(heading)
+        for heading in ("## In short", "## CPU, one thread", "### Forward with", "### Targets, CPU")
+    ]
+    order += [smoke_page.index("## Method"), smoke_page.index("## Allocator note")]
+    assert order == sorted(order)
+    short = smoke_page[order[0] : order[1]]
+    assert "faster than `functional_call` from the same vector" in short
+    assert "Measured on " in short
+    rows = re.findall(r"^\| \[(.+?)\]\(#([\w-]+)\) \|", short, re.M)
+    assert len(rows) >= 6
+    anchors = {summary.slug(h) for h in re.findall(r"^### (.+)$", smoke_page, re.M)}
+    assert {anchor for _, anchor in rows} <= anchors  # every row links to its table
+
+
+def test_page_reads_back_what_it_wrote(smoke_page: str) -> None:
+    body = page._section_of(smoke_page, "cpu")
+    assert body is not None
+    section = report.parse_section(body)
+    assert report.render_section(section).strip() == body
+    assert page.compose_page({}, smoke_page) == smoke_page  # --rewrite changes nothing
 
 
 def test_smoke_page_states_the_environment(smoke_page: str) -> None:
@@ -164,17 +188,21 @@ def test_the_suite_imports_only_the_public_api() -> None:
     assert found == {("models.py", "_resnet")}  # the one named exception (benchmarks/__init__.py)
 
 
+def _device_section(title: str, text: str) -> str:
+    return f"## {title}\n\n{text}\n\n|  |  |\n| --- | --- |\n| machine | {text} |\n"
+
+
 def test_page_keeps_the_sections_it_did_not_measure(tmp_path: Path) -> None:
     path = tmp_path / "b.md"
-    page.write_page(path, {"cuda": "## CUDA\n\ngpu figures"})
-    page.write_page(path, {"cpu": "## CPU, one thread\n\ncpu figures"})
+    page.write_page(path, {"cuda": _device_section("CUDA", "gpu figures")})
+    page.write_page(path, {"cpu": _device_section("CPU, one thread", "cpu figures")})
     text = path.read_text()
     assert "gpu figures" in text
     assert "cpu figures" in text
-    page.write_page(path, {"cpu": "## CPU, one thread\n\nnew cpu figures"})
+    page.write_page(path, {"cpu": _device_section("CPU, one thread", "new cpu figures")})
     text = path.read_text()
     assert "new cpu figures" in text
-    assert text.count("cpu figures") == 1
+    assert text.count("cpu figures") == 2  # intro and table, the old ones gone
 
 
 def test_compare_pairs_rounds() -> None:
