@@ -81,7 +81,7 @@ def sgd(
         previous = None if state is None else state.momentum_buffer
         buffer = step if previous is None else momentum * previous + (1 - dampening) * step
         step = step + momentum * buffer if nesterov else buffer
-    return theta - lr * step, SGDState(buffer)
+    return _descend(theta, lr, step), SGDState(buffer)
 
 
 def adam(
@@ -120,6 +120,13 @@ def adam(
     correction2 = 1 - beta2**step
     denom = exp_avg_sq.sqrt() / _sqrt(correction2) + eps
     return theta - (lr / correction1) * exp_avg / denom, AdamState(step, exp_avg, exp_avg_sq)
+
+
+def _descend(theta: Tensor, lr: Hyper, step: Tensor) -> Tensor:
+    """``theta - lr * step`` as one op (one node in a graph that MAML differentiates twice)."""
+    if isinstance(lr, Tensor):
+        return torch.addcmul(theta, lr, step, value=-1)
+    return torch.add(theta, step, alpha=-lr)
 
 
 def _is_zero(value: Hyper) -> bool:
