@@ -18,6 +18,7 @@ from .optim import adam_case
 from .population import population_case
 from .report import Section, Table, environment, load_average, render_section
 from .timing import threads
+from .unroll import unroll_case
 from .wrap import wrap_case
 
 try:  # optional: a progress bar on a terminal
@@ -42,6 +43,7 @@ CASES: dict[str, Case] = {
     "backward": backward_case,
     "per-tensor": per_tensor_case,
     "maml": maml_case,
+    "unroll": unroll_case,
     "population": population_case,
     "resnet": resnet_case,
     "wrap": _wrap,

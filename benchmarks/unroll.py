@@ -156,8 +156,8 @@ def _memory_table(ctx: Context) -> Table:
     return Table(
         key="unroll",
         title="Long inner loops: peak memory of one outer step (MB) against K inner steps",
-        target=f"checkpoint's growth from K={ks[0]} to K={ks[-1]} at most 1/10 of full's",
-        verdict=at_most("checkpoint growth / full growth", ratio, 0.1),
+        target="" if ctx.smoke else "checkpoint's growth from K=20 to K=100 at most 1/10 of full's",
+        verdict="" if ctx.smoke else at_most("checkpoint growth / full growth", ratio, 0.1),
         headers=("contender", *(f"K={k}" for k in ks), f"growth K={ks[0]}->{ks[-1]}"),
         rows=[(n, *(f"{v:.0f}" for v in p), f"{growth[n]:.0f}") for n, p in peaks.items()],
         notes=[
@@ -197,8 +197,8 @@ def _time_table(ctx: Context) -> Table:
     return Table(
         key="unroll",
         title=f"Long inner loops: time of one outer step, K={k}",
-        target="checkpoint at most 1.6x the full unroll",
-        verdict=at_most("checkpoint", timings[CKPT].ratio, 1.6),
+        target="" if ctx.smoke else "checkpoint at most 1.6x the full unroll",
+        verdict="" if ctx.smoke else at_most("checkpoint", timings[CKPT].ratio, 1.6),
         headers=TIMING_HEADERS,
         rows=timing_rows(timings, failed),
         notes=["same problem as the memory table; ratios paired against memory='full'"],
