@@ -490,11 +490,8 @@ ROWS_HF = [
     same_row(H, "hf_generate", "`model.generate(ids)` (greedy)", _hf_values(_generate)),
 ]  # fmt: skip
 
-_SETATTR = "functional_call assigns the module's parameters, which is refused with 'AttributeError: cannot assign to weight of Linear: its values live in the flat parameter ...' (not a ValueError/TypeError/RuntimeError naming functional_call; a plain module runs it)"
 _NOT_REGISTERED = "the managed parameters are not in the modules' _parameters"
 GAPS: dict[str, str] = {  # row -> what goes wrong today (the row is marked xfail(strict=True))
-    "stateless_functional_call": _SETATTR,
-    "func_functional_call_subset": _SETATTR,
     "averaged_model": f"AveragedModel deep-copies net inside a new parent whose parameters() is empty ({_NOT_REGISTERED}), so update_parameters raises torch's internal 'Expected !nested_tensorlist[0].empty()'",
     "parent_container": f"a new parent's named_parameters() and parameters() are empty, its state_dict() is right ({_NOT_REGISTERED}: only net.named_parameters() lists them)",
 }  # fmt: skip

@@ -10,12 +10,14 @@ classes. The classes also keep pickling, ``deepcopy``, ``state_dict``, ``load_st
 from __future__ import annotations
 
 import copy
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import _named_member_accessor
 
 from ._guards import (
     PARAMETRIZATIONS,
@@ -35,12 +37,35 @@ from ._inject import (
     call_bound,
     innermost,
     run_in,
+    swap,
 )
 from ._recompute import guard_recomputation
 
 __all__ = ["WRITES_WEIGHTS", "install", "managed_class"]
 
 _CALL_CODE = call_bound.__code__  # where a binding is made: recomputation guards stop there
+# torch.func.functional_call assigns each given tensor through this function (see _inject.swap)
+_SWAP_CODE = getattr(getattr(_named_member_accessor, "swap_tensor", None), "__code__", None)
+_SWAP_DICT = getattr(_named_member_accessor.NamedMemberAccessor, "swap_tensors_dict", None)
+_SWAP_DICT_CODE = getattr(_SWAP_DICT, "__code__", None)
+
+
+def _swapped_by_torch() -> tuple[str, dict[str, Any]] | bool | None:
+    """Whether the caller of the generated ``__setattr__`` is torch's ``swap_tensor``; if so,
+    and ``swap_tensors_dict`` called it, (the dotted name, every tensor given by name)."""
+    if _is_dynamo():
+        return False  # (frames are opaque to dynamo: refused, see __setattr__)
+    frame = sys._getframe(2)
+    if frame.f_code is not _SWAP_CODE:
+        return False
+    for _ in range(3):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            break
+        if frame.f_code is _SWAP_DICT_CODE:
+            found = frame.f_locals
+            return found.get("name"), found.get("named_tensors")  # type: ignore[return-value]
+    return None
 
 
 # key: (base class, param order as ((name, slot or None), ...), buffers as ((name, slot), ...),
@@ -206,8 +231,20 @@ def _make_class(spec: _Spec) -> type:
 
     def __setattr__(self: nn.Module, name: str, value: Any) -> None:
         if name in managed:
+            by_torch = isinstance(value, Tensor) and _swapped_by_torch()
+            if by_torch is not False:  # torch.func.functional_call: bound in this thread only
+                previous = getattr(self, name)
+                swap(self.__dict__[CORE_KEY], self, name, managed[name], value, previous, by_torch)
+                return
             if value is getattr(self, name):
                 return  # the same parameter again (Hugging Face's tie_weights on tied weights)
+            if _is_dynamo():
+                raise ValueError(
+                    f"assigning {name!r} of {base.__name__} in code that torch.compile traces "
+                    "(torch.func.functional_call of the unwrapped module, for one): its values "
+                    "live in flat_param; call the wrapper with flat_param=... instead, or call "
+                    "functional_call outside the compiled function"
+                )
             raise AttributeError(
                 f"cannot assign to {name!r} of {base.__name__}: its values live in the flat "
                 "parameter managed by torchreparam; write into it in place (with torch.no_grad(): "
@@ -346,7 +383,7 @@ def _make_class(spec: _Spec) -> type:
             # flat_param alone (they would otherwise try to own, and reassign, the views).
             yield from nn.Module.named_parameters(self, prefix, recurse, remove_duplicate)
             return
-        modules = self.named_modules(prefix=prefix)
+        modules = self.named_modules(prefix=prefix, remove_duplicate=remove_duplicate)
         seen: set[int] = set()
         for path, module in modules:
             spec = getattr(type(module), "_torchreparam_spec", None)

@@ -45,6 +45,7 @@ __all__ = [
     "call_bound",
     "innermost",
     "run_in",
+    "swap",
 ]
 
 CORE_KEY = "_torchreparam_core"
@@ -230,8 +231,8 @@ class Core:
             return views
         want = flat.requires_grad
         return tuple(
-            view if leaf.requires_grad is want else leaf
-            for view, leaf in zip(views, leaves.params, strict=True)
+            view if leaf.requires_grad is want else leaves.leaf(flat, i)  # (hooked if unfrozen)
+            for i, (view, leaf) in enumerate(zip(views, leaves.params, strict=True))
         )
 
     def follow_dtype(self) -> None:
@@ -335,3 +336,115 @@ def run_in(chain: _Binding | None, fn: Callable[..., Any], args: tuple[Any, ...]
     finally:
         CHAIN.top = top
         _ACTIVE.reset(token)
+
+
+# ---- torch.func.functional_call on the unwrapped module ----------------------------------
+class _Swapped(list):
+    """The params of a binding made by ``torch.func.functional_call`` on the unwrapped module
+    (see :func:`swap`): one tensor per slot, the swaps in effect, and what to restore after
+    the last is undone."""
+
+    base: tuple[Tensor, ...]  # each slot as it read before the first swap
+    swaps: list[tuple[int, str, int, Tensor, Tensor]]  # (module id, name, slot, tensor, previous)
+    saved: tuple[_Binding | None, _Binding | None]  # (_ACTIVE, CHAIN.top) before it
+
+
+@torch._dynamo.disable  # (run as it is, never compiled as a frame of its own)
+def swap(
+    core: Core,
+    module: nn.Module,
+    name: str,
+    slot: int,
+    value: Tensor,
+    previous: Tensor,
+    given: Any = None,
+) -> None:
+    """``setattr(module, name, value)`` by torch's ``swap_tensor``, which ``functional_call``
+    uses to put each given tensor in place, run the module, and put the old ones back
+    (``previous``: what ``module.name`` read before).
+
+    For a managed name, the tensor is bound in this thread (and asyncio task) only: a binding
+    of the tree whose ``slot`` reads ``value``, the others as they read before. Putting back
+    the tensor a swap replaced undoes that swap (whatever the order: torch puts them back in
+    the order it swapped them); the binding ends with the last one. Unlike a plain module's,
+    concurrent calls in other threads see their own tensors, never these. ``given``: (the
+    dotted name, every tensor given to the call by name), when torch's caller is found; a
+    tied entry must then be given one tensor under all its names.
+    """
+    binding = innermost(core)
+    params = None if binding is None else binding[1]
+    key = id(module)
+    if type(params) is _Swapped:
+        for i in range(len(params.swaps) - 1, -1, -1):  # putting back what a swap replaced
+            k, n, _, _, replaced = params.swaps[i]
+            if k == key and n == name and _same_tensor(replaced, value):
+                del params.swaps[i]
+                _settle(params, slot, binding)
+                return
+    if given is not None:
+        _check_tied(core.layout.entries[slot], value, *given)
+    if type(params) is not _Swapped:
+        if params is None:  # the module's own, as its attributes read them: the leaves
+            params = tuple(core.leaf(i) for i in range(len(core.layout.entries)))
+        own = params
+        swapped = _Swapped(own)
+        swapped.base, swapped.swaps = tuple(own), []
+        swapped.saved = (_active(), CHAIN.top)
+        buffers = None if binding is None else binding[2]
+        guard = False if binding is None else binding[4]
+        binding = (core, swapped, buffers, current(), guard, False)
+        _ACTIVE.set(binding)
+        CHAIN.top = binding
+        params = swapped
+    for k, n, s, tensor, _ in params.swaps:
+        if s == slot and tensor is not value and (k, n) != (key, name):
+            raise ValueError(
+                f"functional_call given two tensors for the tied names of "
+                f"{core.layout.entries[slot].name!r}: a wrapped model holds tied weights "
+                "once; give them one tensor (tie_weights=True, the default, does)"
+            )
+    params.swaps.append((key, name, slot, value, previous))
+    _settle(params, slot, binding)
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """The same tensor, or another view of the same memory (code that torch.compile runs reads
+    the module's own weights as new views of flat_param)."""
+    if a is b:
+        return True
+    try:
+        return (
+            a.numel() > 0
+            and (a.dtype, a.device, a.shape, a.stride()) == (b.dtype, b.device, b.shape, b.stride())
+            and a.data_ptr() == b.data_ptr()
+        )
+    except RuntimeError:  # (tensors without storage: functorch's, fake ones)
+        return False
+
+
+def _settle(params: _Swapped, slot: int, binding: _Binding | None) -> None:
+    """``slot`` reads its latest swap still in effect; the binding ends with the last."""
+    last = [s[3] for s in params.swaps if s[2] == slot]
+    params[slot] = last[-1] if last else params.base[slot]
+    if not params.swaps and _active() is binding:
+        _ACTIVE.set(params.saved[0])
+        CHAIN.top = params.saved[1]
+
+
+def _check_tied(entry: Any, value: Tensor, full: str, given: dict[str, Any]) -> None:
+    """A tied entry given under one of its names must be given the same tensor under all
+    (plain torch, with ``tie_weights=False``, would let the other names keep their weights)."""
+    names = (entry.name, *entry.aliases)
+    if len(names) == 1:
+        return
+    mine = max((n for n in names if full == n or full.endswith("." + n)), key=len, default=None)
+    if mine is None:
+        return
+    prefix = full[: len(full) - len(mine)]
+    others = [prefix + n for n in names if n != mine and given.get(prefix + n) is not value]
+    if others:
+        raise ValueError(
+            f"functional_call given {full!r} but not the same tensor for {others}, tied to it: "
+            "a wrapped model holds tied weights once; give one tensor for all of them "
+            "(tie_weights=True, the default, does)"
+        )

@@ -105,9 +105,9 @@ class Leaves:
     def __init__(self, layout: FlatLayout, flat: Tensor) -> None:
         self.layout = layout
         data = flat.detach()
-        # (made trainable, so that their hooks can be registered: a frozen one may be unfrozen)
         self.params = tuple(
-            Leaf(data[e.offset : e.offset + e.numel].view(e.shape), True) for e in layout.entries
+            Leaf(data[e.offset : e.offset + e.numel].view(e.shape), flat.requires_grad)
+            for e in layout.entries
         )
         self.flat: Tensor | None = None
         self.base = 0
@@ -117,13 +117,10 @@ class Leaves:
         self.ref = weakref.ref(self)  # hooks hold it weakly: no cycle through the tensors
         self.lock = threading.RLock()
         self.hint = 0  # where the last search for a leaf holding its view of the grad ended
+        self.unhooked = set()  # frozen leaves: hooked when they are unfrozen (see leaf())
         for i, leaf in enumerate(self.params):
-            leaf.register_hook(functools.partial(_relay, self.ref, "before_leaf", i))
-            leaf.register_post_accumulate_grad_hook(
-                functools.partial(_relay, self.ref, "after_leaf", i)
-            )
             leaf.__dict__[_OWNER] = (self.ref, i)
-            leaf.requires_grad_(flat.requires_grad)
+            self._hook(i) if flat.requires_grad else self.unhooked.add(i)
         self._attach(flat)
         if flat.grad is not None:  # gradients from before the leaves existed: theirs too
             self.after_flat(None, flat)
@@ -159,9 +156,19 @@ class Leaves:
         self.base = flat.data_ptr()
         self.ptrs = tuple(leaf.data_ptr() for leaf in self.params)
 
+    def _hook(self, slot: int) -> None:
+        leaf = self.params[slot]
+        leaf.register_hook(functools.partial(_relay, self.ref, "before_leaf", slot))
+        leaf.register_post_accumulate_grad_hook(
+            functools.partial(_relay, self.ref, "after_leaf", slot)
+        )
+        self.unhooked.discard(slot)
+
     def leaf(self, flat: Tensor, slot: int) -> nn.Parameter:
         """The leaf for ``slot``, after making sure it still aliases ``flat`` (O(1))."""
         leaf = self.params[slot]
+        if self.unhooked and slot in self.unhooked and leaf.requires_grad:
+            self._hook(slot)  # (a hook cannot be registered on a tensor that is frozen)
         if (
             flat is not self.flat
             or flat.data_ptr() != self.base
