@@ -21,6 +21,7 @@ from ._checkpoint import (
 from ._checks import StateDictMismatchError
 from ._derivatives import gnvp, hessian, hvp, jacobian, per_example_grads
 from ._distributed import evaluate_population
+from ._explain import explain_population
 from ._files import layout_from_json, layout_to_json
 from ._inner import AdamState, SGDState, adam, sgd
 from ._layout import FlatLayout, LayoutEntry
@@ -41,6 +42,7 @@ __all__ = [
     "Unrolled",
     "adam",
     "evaluate_population",
+    "explain_population",
     "from_state_dict",
     "gnvp",
     "hessian",

@@ -104,12 +104,32 @@ def _state(module: nn.Module) -> tuple[Any, ...]:
     return (type(module), _hooked(module), tuple(state["_modules"].values()), plain)
 
 
+def _inplace(op: Any) -> Any:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    return method
+
+
+class _Proxy(fx.Proxy):
+    """Records ``x += y`` as ``operator.iadd`` (fx's own Proxy records ``operator.add``,
+    which would lose the change of ``x`` in place)."""
+
+    __iadd__ = _inplace(operator.iadd)
+    __isub__ = _inplace(operator.isub)
+    __imul__ = _inplace(operator.imul)
+    __itruediv__ = _inplace(operator.itruediv)
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, layout: FlatLayout, flat: Tensor) -> None:
         super().__init__(autowrap_functions=())
         self.layout, self.flat_ptr = layout, flat.untyped_storage().data_ptr()
         self.constants: dict[str, Tensor] = {}
         self.leaves: dict[str, nn.Module] = {}
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if module_rule(m) is None:

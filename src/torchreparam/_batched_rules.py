@@ -401,7 +401,22 @@ def _matmul(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], st: tuple[bo
     return fn(*aligned, **kwargs)
 
 
+def _getattr(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], st: tuple[bool, ...]) -> Any:
+    """``x.shape``, ``x.ndim`` (per member), ``x.dtype``, ``x.device`` of a stacked tensor."""
+    x, name = args[0], args[1]
+    if not isinstance(x, Tensor) or kwargs or len(args) != 2:
+        return NotImplemented
+    if name == "shape":
+        return x.shape[1:]
+    if name == "ndim":
+        return x.dim() - 1
+    if name in ("dtype", "device", "is_cuda", "requires_grad", "layout"):
+        return getattr(x, name)
+    return NotImplemented
+
+
 FUNCTIONS: dict[Any, FunctionRule] = {
+    getattr: _getattr,
     **{fn: _elementwise_call for fn in _ELEMENTWISE_FUNCTIONS},
     F.softmax: _reduce, F.log_softmax: _reduce, torch.softmax: _reduce, torch.sum: _reduce,
     torch.mean: _reduce, torch.matmul: _matmul, operator.matmul: _matmul,

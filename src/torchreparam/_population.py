@@ -97,6 +97,37 @@ def call_population(
     ):  # nn.DataParallel on one device: the (1, N) row it split off stands for one vector
         theta, single = one_vector(core, thetas, buffers)
         return call(core, fn, args, kwargs, theta, single)
+    job, may_vmap, chunk_size, why = prepare(
+        core, fn, args, kwargs, thetas, buffers, in_dims, strategy
+    )
+    if strategy == "auto" and torch.compiler.is_compiling():
+        strategy = "vmap"  # timing cannot be traced; in a graph the batched call is the one
+    if strategy == "batched" and job.steps is None:
+        raise ValueError(
+            f"strategy 'batched' has no plan for this call: {why}; use 'auto', 'vmap' or 'loop'"
+        )
+    plans = plans if plans is not None else {}
+
+    def go() -> Any:
+        return rebuild(_chunked(job, strategy, may_vmap, plans, chunk_size))
+
+    # members sharing the module's own buffers: a raise in member k undoes members 0..k-1 too
+    return transactional(core, go, (), {}) if job.buffers is None else go()
+
+
+def prepare(
+    core: Core,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    thetas: Tensor,
+    buffers: Any,
+    in_dims: Any,
+    strategy: str,
+) -> tuple[Job, bool, int | None, str]:
+    """The checked call as a job (with its batched plan, if any), whether vmap may run, the
+    chunk size and, without a batched plan, why; raises before anything runs."""
+    population = thetas.shape[0]
     dims, kw_dims = input_dims(in_dims, args, kwargs, population)
     bound, buffer_dims = population_buffers(core, buffers, population)
     chunk_size, randomness = population_options(core.holder)
@@ -109,22 +140,11 @@ def call_population(
             "member (modules with buffers are in train mode): pass per-member buffers of shape "
             "(population, *shape), use eval mode, or use strategy 'loop'"
         )
-    if strategy == "auto" and torch.compiler.is_compiling():
-        strategy = "vmap"  # timing cannot be traced; in a graph the batched call is the one
     job = Job(core, fn, args, kwargs, thetas, bound, dims, buffer_dims, kw_dims, randomness)
+    why = "not looked for (strategy 'vmap' or 'loop')"
     if strategy in ("auto", "batched"):
         job.steps, why = batched_plan(core, fn, args, kwargs)
-        if strategy == "batched" and job.steps is None:
-            raise ValueError(
-                f"strategy 'batched' has no plan for this call: {why}; use 'auto', 'vmap' or 'loop'"
-            )
-    plans = plans if plans is not None else {}
-
-    def go() -> Any:
-        return rebuild(_chunked(job, strategy, may_vmap, plans, chunk_size))
-
-    # members sharing the module's own buffers: a raise in member k undoes members 0..k-1 too
-    return transactional(core, go, (), {}) if bound is None else go()
+    return job, may_vmap, chunk_size, why
 
 
 def population_options(holder: nn.Module) -> tuple[int | None, str]:
@@ -252,13 +272,16 @@ def _auto(job: Job, plans: dict[Any, str]) -> Columns:
     # of the vectors and of every buffer, the random number generators are put back afterwards
     # (dropout draws as in the loop alone), and a trial that changed a buffer all members share
     # keeps the loop (the batched call would update it once, not once per member).
-    candidate: Callable[[Tensor], Any]
+    # (on copies of the inputs too: a module that changes an input in place would change it
+    # once under vmap, not once per member; such a trial loses)
+    tj, inputs = _trial_job(job)
+    candidates: list[tuple[str, Callable[[Tensor], Any]]] = []
+    if job.steps is not None:  # (never raises for an input that does not fit: the loop would)
+        candidates.append(("batched", lambda thetas: tj.batched(thetas, fallback=False)))
     given: list[Tensor] = []  # the buffers the members read, and per buffer 0 or None
     dims: tuple[int | None, ...] = ()
     trial: list[Tensor] = []  # copies of them, for the trial
-    if job.steps is not None:  # (a batched plan: the tree has no buffers)
-        name, candidate = "batched", job.batched
-    else:
+    if not isinstance(job.steps, Plan):  # (the MLP plan is what vmap computes, written out)
         if job.buffers is not None:
             given, dims = job.buffers, job.buffer_dims
         else:
@@ -266,23 +289,47 @@ def _auto(job: Job, plans: dict[Any, str]) -> Columns:
             dims = (None,) * len(given)
         with torch.no_grad():
             trial = [b.clone() for b in given]
-        name = "vmap"
-
-        def candidate(thetas: Tensor) -> Any:
-            return job.vmap(trial, thetas, dims)
-
-    try:
-        with _rng_kept(job.thetas.device):
-            batched_seconds = _trial(job, candidate, needs_grad=key[4])  # (key[4]: grad)
-        shared = zip(trial, given, dims, strict=True)
-        if not all(d == 0 or torch.equal(copy, b) for copy, b, d in shared):
-            batched_seconds = float("inf")  # it updated a shared buffer: once, not per member
-    except Exception:  # an op without a batching rule, for example: the loop always works
-        batched_seconds = float("inf")
+        candidates.append(("vmap", lambda thetas: tj.vmap(trial, thetas, dims)))
+    seconds: dict[str, float] = {}
+    for name, candidate in candidates:
+        try:
+            with _rng_kept(job.thetas.device):
+                seconds[name] = _trial(job, candidate, needs_grad=key[4])  # (key[4]: grad)
+            shared = zip(trial, given, dims, strict=True)
+            if not all(d == 0 or torch.equal(copy, b) for copy, b, d in shared) or not all(
+                torch.equal(copy, x) for copy, x in inputs
+            ):  # it updated a shared buffer or an input: once, not per member
+                seconds[name] = float("inf")
+        except Exception:  # an op without a batching rule, for example: the loop always works
+            seconds[name] = float("inf")
     start = time.perf_counter()
     out = job.loop()
-    plans[key] = name if batched_seconds < time.perf_counter() - start else "loop"
+    seconds["loop"] = time.perf_counter() - start
+    plans[key] = min(seconds, key=lambda name: seconds[name])  # (a tie: the first tried)
+    job.core.memo.setdefault("population_trials", {})[key] = seconds  # (for explain)
     return out
+
+
+def _trial_job(job: Job) -> tuple[Job, list[tuple[Tensor, Tensor]]]:
+    """``job`` on copies of its tensor inputs, and the (copy, original) pairs."""
+    pairs: list[tuple[Tensor, Tensor]] = []
+
+    def copy(value: Any) -> Any:
+        if not isinstance(value, Tensor):
+            return value
+        with torch.no_grad():
+            made = value.detach().clone().requires_grad_(value.requires_grad)
+        pairs.append((made, value))
+        return made
+
+    args = tuple(copy(a) for a in job.args)
+    kwargs = {k: copy(v) for k, v in job.kwargs.items()}
+    tj = Job(
+        job.core, job.fn, args, kwargs, job.thetas, job.buffers, job.dims, job.buffer_dims,
+        job.kw_dims, job.randomness,
+    )  # fmt: skip
+    tj.steps = job.steps
+    return tj, pairs
 
 
 def _rng_kept(device: torch.device) -> AbstractContextManager[Any]:

@@ -78,22 +78,29 @@ class Job:
         job.steps = self.steps
         return job
 
-    def batched(self, thetas: Tensor | None = None) -> Columns:
-        """The written-out batched call (:mod:`._batched`); the loop where the input does not
-        fit it (the loop raises the module's own error, if any)."""
+    def batched(self, thetas: Tensor | None = None, fallback: bool = True) -> Columns:
+        """The batched call (:mod:`._batched`, :mod:`._batched_graph`); the loop where the
+        input does not fit it (the loop raises the module's own error, if any), or with
+        ``fallback=False`` a ``ValueError``."""
         assert self.steps is not None
         thetas = self.thetas if thetas is None else thetas
         rows = self.core.views.rows(thetas)
         if isinstance(self.steps, Plan):
             out = run(self.steps, rows, self.args[0], self.dims[0] == 0)
+            if out is None and not fallback:
+                raise ValueError("the input does not fit the batched plan")
             return self.loop() if out is None else (_ONE_TENSOR, [out])
         try:  # (side-effect free: the plan refuses modules that update buffers)
             made = run_graph(
                 self.steps, rows, self.args, self.dims, self.graph_buffers(), self.randomness
             )
         except Exception:  # an input that does not fit: the loop raises the module's own error
+            if not fallback:
+                raise
             made = None
         if made is None:
+            if not fallback:
+                raise ValueError("the input does not fit the batched plan")
             return self.loop()
         leaves, spec = tree_flatten(made)
         return spec, leaves

@@ -1,0 +1,289 @@
+"""The graph plan (a forward traced by torch.fx, run for all members by a rule per layer) equals
+the loop of single calls in values and gradients; fuzzed over random residual and attention
+architectures. The loop is forbidden where the plan must compute the result itself."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import unchanged
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from torchreparam import ReparamModule, _population_job, explain_population
+from torchreparam._batched_graph import GraphPlan
+
+torch.set_default_dtype(torch.float64)  # (restored in the module's teardown)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64() -> Any:
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture
+def no_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the population fell back to the loop")
+
+    monkeypatch.setattr(_population_job.Job, "loop", fail)
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int, groups: int = 1, norm: str = "bn") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, groups=groups)
+        self.norm = nn.BatchNorm2d(channels) if norm == "bn" else nn.GroupNorm(2, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.scale = 0.5  # a plain attribute the graph bakes in
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.norm(self.conv1(x)))
+        out = self.conv2(out) * self.scale
+        out += x
+        return F.relu(out)
+
+
+class Attention(nn.Module):
+    """A transformer block: projections, heads by view/transpose, SDPA, residuals, LayerNorm."""
+
+    def __init__(self, width: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        q, k, v = (t.view(b, n, self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        x = x + self.out(y)
+        return x + self.mlp(self.norm2(x))
+
+
+class Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.block = Attention()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, idx: Tensor) -> dict[str, Tensor]:
+        h = self.block(self.emb(idx))
+        return {"logits": self.head(h), "pooled": h.mean(dim=1)}
+
+
+def resnet() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), Residual(4), Residual(4, groups=2, norm="gn"),
+        nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    )  # fmt: skip
+
+
+def conv1d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv1d(2, 4, 3, stride=2), nn.GroupNorm(2, 4), nn.SiLU(), nn.AvgPool1d(2),
+        nn.Flatten(), nn.Linear(8, 3), nn.LogSoftmax(dim=-1),
+    )  # fmt: skip
+
+
+MODELS: dict[str, tuple[Any, Any]] = {
+    "resnet": (resnet, lambda: torch.randn(3, 1, 6, 6)),
+    "conv1d": (conv1d, lambda: torch.randn(3, 2, 9)),
+    "attention": (Attention, lambda: torch.randn(2, 5, 8)),
+    "tokens": (Tokens, lambda: torch.randint(0, 11, (2, 5))),
+}
+
+
+def _loop(r: ReparamModule, thetas: Tensor, x: Tensor, per_member: bool, **kw: Any) -> Any:
+    outs = [r(x[i] if per_member else x, flat_param=t, **kw) for i, t in enumerate(thetas)]
+    if isinstance(outs[0], dict):
+        return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+    return torch.stack(outs)
+
+
+def _check(r: ReparamModule, thetas: Tensor, x: Tensor, per_member: bool, **kw: Any) -> None:
+    """The batched call against the loop: values and gradients (of vectors and inputs)."""
+    ref_thetas = thetas.detach().clone().requires_grad_()
+    ref_x = x.detach().clone().requires_grad_(x.is_floating_point())
+    r.population_strategy = "batched"
+    out = r(x, flat_param=thetas, in_dims=0 if per_member else None, **kw)
+    r.population_strategy = "loop"
+    expected = _loop(r, ref_thetas, ref_x, per_member, **kw)
+    torch.testing.assert_close(out, expected)
+    leaves = [out] if isinstance(out, Tensor) else list(out.values())
+    refs = [expected] if isinstance(expected, Tensor) else list(expected.values())
+    cots = [torch.randn_like(t) for t in leaves]
+    inputs = [thetas, x] if x.requires_grad else [thetas]
+    got = torch.autograd.grad(sum((t * c).sum() for t, c in zip(leaves, cots, strict=True)), inputs)
+    want = torch.autograd.grad(
+        sum((t * c).sum() for t, c in zip(refs, cots, strict=True)),
+        [ref_thetas, ref_x] if x.requires_grad else [ref_thetas],
+    )
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per_member"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_graph_plan_equals_the_loop(name: str, per_member: bool) -> None:
+    make, inputs = MODELS[name]
+    r = ReparamModule(make()).eval()
+    x = inputs()
+    population = 3
+    if per_member:
+        x = torch.stack([inputs() for _ in range(population)])
+    x = x.requires_grad_(x.is_floating_point())
+    thetas = r.fresh_flat_param(population) + 0.05 * torch.randn(3, r.param_numel)
+    with pytest.MonkeyPatch.context() as patch:  # the plan computes it all: no loop
+        original = _population_job.Job.loop
+        patch.setattr(_population_job.Job, "loop", lambda *a, **k: pytest.fail("loop ran"))
+        r.population_strategy = "batched"
+        r(x, flat_param=thetas, in_dims=0 if per_member else None)
+        patch.setattr(_population_job.Job, "loop", original)
+    _check(r, thetas.requires_grad_(), x, per_member)
+    assert isinstance(r._core.memo.get("graph"), GraphPlan)
+
+
+def test_per_member_batchnorm_statistics_in_eval_mode(no_loop: None) -> None:
+    r = ReparamModule(resnet()).eval()
+    population = 3
+    stats = [b.expand(population, *b.shape).clone() for b in r.module.buffers()]
+    for b in stats:
+        if b.is_floating_point():
+            b.uniform_(0.5, 1.5)
+    thetas, x = r.fresh_flat_param(population), torch.randn(2, 1, 6, 6)
+    r.population_strategy = "batched"
+    out = r(x, flat_param=thetas, buffers=stats)
+    expected = torch.stack(
+        [r(x, flat_param=t, buffers=[b[i] for b in stats]) for i, t in enumerate(thetas)]
+    )
+    torch.testing.assert_close(out, expected)
+
+
+def test_a_baked_attribute_changed_is_traced_again(no_loop: None) -> None:
+    r = ReparamModule(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), Residual(2))).eval()
+    thetas, x = r.fresh_flat_param(2), torch.randn(2, 1, 5, 5)
+    r.population_strategy = "batched"
+    first = r(x, flat_param=thetas)
+    r.module[1].scale = 2.0
+    second = r(x, flat_param=thetas)
+    r.module[1].train()  # BatchNorm in train mode updates its statistics: no plan
+    with pytest.raises(ValueError, match=re.escape("is in train mode with buffers")):
+        r(x, flat_param=thetas)
+    r.module[1].eval()
+    torch.testing.assert_close(second, _loop(r, thetas, x, per_member=False))
+    assert not torch.allclose(first, second)
+
+
+class InPlaceOnInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x += 1
+        return self.lin(x)
+
+
+class Hooked(Residual):
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.conv2.register_forward_hook(lambda m, i, o: o * 3)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (InPlaceOnInput, "iadd changes in place a value that is not a layer's"),
+        (Hooked, "module 'conv2' (Conv2d) has hooks or a patched forward/__call__"),
+        (lambda: nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)), "dropout draws random"),
+    ],
+    ids=["inplace_input", "hook", "dropout"],
+)
+def test_what_the_graph_cannot_run_exactly_is_refused(make: Any, message: str) -> None:
+    r = ReparamModule(make())
+    if isinstance(r.module, Residual):
+        r.eval()
+    x = torch.randn(2, 2, 4, 4) if isinstance(r.module, Residual) else torch.randn(2, 3)
+    thetas = r.fresh_flat_param(2)
+    r.population_strategy = "batched"
+    with unchanged(r), pytest.raises(ValueError, match=re.escape(message)):
+        r(x.clone(), flat_param=thetas)
+    r.population_strategy = "auto"
+    torch.manual_seed(0)
+    got = r(x.clone(), flat_param=thetas)
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, _loop(r, thetas, x.clone(), per_member=False))
+
+
+def test_explain_says_what_runs_and_why() -> None:
+    r = ReparamModule(resnet()).eval()
+    thetas, x = r.fresh_flat_param(4), torch.randn(2, 1, 6, 6)
+    text = explain_population(r, x, flat_param=thetas)
+    assert (
+        "by rule: AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Flatten, GroupNorm, Linear, Max" in text
+    )
+    assert "auto: this signature is new" in text
+    with torch.no_grad():
+        r(x, flat_param=thetas)
+        text = explain_population(r, x, flat_param=thetas)
+    chosen = re.search(r"auto: chose '(\w+)' for this signature \(trial: batched .* ms, vmap", text)
+    assert chosen is not None
+    assert chosen.group(1) in ("batched", "vmap", "loop")
+    r.train()
+    text = explain_population(r, x, flat_param=thetas)
+    assert "vmap: may not run" in text
+    assert "batched plan: none (module '1.norm' (BatchNorm2d) is in train mode" in text
+    mlp = ReparamModule(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+    text = explain_population(mlp, torch.randn(2, 3), flat_param=mlp.fresh_flat_param(2))
+    assert "the multilayer perceptron's" in text
+
+
+# ---- fuzz ------------------------------------------------------------------------------------
+@st.composite
+def architectures(draw: st.DrawFn) -> tuple[nn.Module, tuple[int, ...]]:
+    kind = draw(st.sampled_from(["conv", "attention"]))
+    if kind == "attention":
+        heads = draw(st.sampled_from([1, 2, 4]))
+        width = heads * draw(st.integers(1, 3))
+        blocks = [Attention(width, heads) for _ in range(draw(st.integers(1, 2)))]
+        return nn.Sequential(*blocks, nn.Linear(width, 2)), (draw(st.integers(1, 3)), draw(
+            st.integers(1, 4)), width)  # fmt: skip
+    channels = draw(st.sampled_from([2, 4]))
+    layers: list[nn.Module] = [
+        nn.Conv2d(1, channels, draw(st.sampled_from([1, 3])), padding="same"),
+    ]
+    for _ in range(draw(st.integers(0, 2))):
+        groups = draw(st.sampled_from([1, 2]))
+        layers.append(Residual(channels, groups, draw(st.sampled_from(["bn", "gn"]))))
+    layers.append(draw(st.sampled_from([nn.MaxPool2d(2), nn.AvgPool2d(2), nn.Identity()])))
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 2)]
+    return nn.Sequential(*layers), (draw(st.integers(1, 3)), 1, 4, 4)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(architectures(), st.integers(1, 4), st.booleans(), st.integers(0, 2**31 - 1))
+def test_random_residual_and_attention_models_match_the_loop(
+    arch: tuple[nn.Module, tuple[int, ...]], population: int, per_member: bool, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    module, shape = arch
+    r = ReparamModule(module).eval()
+    for b in r.module.buffers():  # statistics other than the initial zeros and ones
+        if b.is_floating_point():
+            b.uniform_(0.5, 1.5)
+    x = torch.randn(population, *shape) if per_member else torch.randn(*shape)
+    thetas = r.fresh_flat_param(population) + 0.1 * torch.randn(population, r.param_numel)
+    _check(r, thetas.requires_grad_(), x.requires_grad_(), per_member)
