@@ -155,3 +155,38 @@ def test_the_block_reader_sees_indented_blocks_and_markers() -> None:
     ]
     assert should_run(found[0]) == "no_such_module_here cannot be imported"
     assert should_run(found[1]) is None
+
+
+def _in_short_rows() -> dict[str, str]:
+    """The benchmarks page's summary rows, by the anchor of the table each links to."""
+    page = (DOCS / "benchmarks.md").read_text()
+    short = page[page.index("## In short") : page.index("<!-- bench:cpu -->")]
+    return dict(re.findall(r"^\| \[[^]]+\]\(#([\w-]+)\)(.*)$", short, re.MULTILINE))
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", DOCS / "index.md"], ids=_id)
+def test_why_tables_quote_the_benchmarks_page(page: Path) -> None:
+    """Each figure of a 'Why this one' row linked to a benchmark table is that table's figure in
+    the benchmarks page's summary (measured, not typed in)."""
+    text = page.read_text()
+    why = text[text.index("## Why this one") :]
+    why = why[: why.index("\n## ")]
+    summary = _in_short_rows()
+    rows = re.findall(r"^\|.*benchmarks\.md#([\w-]+)\)\)(.*)$", why, re.MULTILINE)
+    assert len(rows) >= 2
+    for anchor, cells in rows:
+        assert anchor in summary, anchor
+        for figure in re.findall(r"\d+\.\d+x", cells):
+            assert figure in summary[anchor], (anchor, figure)
+    assert "see Long inner loops" in why
+
+
+def test_the_readme_core_test_command_names_real_files() -> None:
+    readme = (ROOT / "README.md").read_text()
+    pattern = r"^OMP_NUM_THREADS=1 python -m pytest (tests/.*?)\n(?!    )"
+    command = re.search(pattern, readme, re.MULTILINE | re.DOTALL)
+    assert command is not None
+    files = command.group(1).replace("\\", " ").split()
+    assert len(files) >= 5
+    for name in files:
+        assert (ROOT / name).is_file(), name
