@@ -1,5 +1,6 @@
 """The built documentation site: API examples render as code, links work from files, nothing is
-cut off by the page width. Builds the site once (about 20 s); needs the docs extras."""
+cut off by the page width. Builds the site once (about 20 s; or reads the build named by
+``TORCHREPARAM_SITE``, as .ci/run does); needs the docs extras."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ EXAMPLE_TITLE = re.compile(r"^Examples?:[ \t]*$", re.M)
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    built = os.environ.get("TORCHREPARAM_SITE")  # a build of this checkout (.ci/run makes one)
+    if built and (Path(built) / "api.html").is_file():
+        return Path(built)
     out = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(out)]
