@@ -83,6 +83,8 @@ class Problem:
             return F.cross_entropy(self.r(batch[0], flat_param=theta), batch[1])
 
         lr = self.lr.detach() if mode["memory"] == "implicit" else self.lr
+        if "window" in mode:  # (the one-step warm-up)
+            mode = {**mode, "window": min(k, mode["window"])}  # type: ignore[call-overload]
         batches = [(self.images, self.labels)] * k
         return lambda: torch.autograd.grad(
             self.outer(unroll(loss, self.theta0, batches, lr=lr, **mode)),  # type: ignore[arg-type]
