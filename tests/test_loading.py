@@ -167,18 +167,30 @@ def test_load_checkpoint_into_a_meta_model(tmp_path: Path) -> None:
     _assert_like_twin(r, twin, args)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the unwrapped module's own load_state_dict goes through _classes' generated "
-    "_load_from_state_dict, which copies into the meta flat_param (a no-op); the fix proposed "
-    "for _classes.py materializes it under assign=True",
-)
-def test_the_unwrapped_meta_module_loads_with_assign() -> None:
-    src, args = _source("convbn")
-    r, twin = _meta_pair("convbn")
+@pytest.mark.parametrize("name", ["convbn", "tied"])
+def test_the_unwrapped_meta_module_loads_with_assign(name: str) -> None:
+    src, args = _source(name)
+    r, twin = _meta_pair(name)
     twin.load_state_dict(src.state_dict(), assign=True)
     r.module.load_state_dict(src.state_dict(), assign=True)
     _assert_like_twin(r, twin, args)
+
+
+def test_the_unwrapped_meta_module_needs_every_parameter_with_assign() -> None:
+    src, _ = _source("mlp")
+    r, _ = _meta_pair("mlp")
+    partial = src.state_dict()
+    del partial["2.bias"]
+    flat = r.flat_param
+    message = (
+        "cannot load the state dict (nothing was changed): flat_param is on the meta device "
+        "(no data), so assign=True needs every parameter (with data, of its shape); missing "
+        "['2.bias'] (or materialize the module first: r.to_empty(device=...))"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        r.module.load_state_dict(partial, strict=False, assign=True)
+    assert r.flat_param is flat
+    assert flat.is_meta
 
 
 def test_a_meta_tensor_in_the_state_dict_of_a_real_model_is_refused() -> None:
@@ -319,18 +331,15 @@ def test_a_partial_state_dict_with_strict_false(assign: bool) -> None:
     _assert_like_twin(r, twin, args)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="r.load_state_dict(module format, strict=False) returns the keys of the wrapper's "
-    "format ('module.1.running_mean'; no missing parameters): _module.py would translate them",
-)
-def test_a_partial_state_dict_reports_the_keys_as_plain_torch() -> None:
-    src, _ = _source("convbn")
-    r, twin, _ = build("convbn")
-    partial = {k: v for k, v in src.state_dict().items() if k.startswith("4.")}
+@pytest.mark.parametrize(("name", "kept"), [("convbn", "4."), ("tied", "emb."), ("tied", "out.")])
+def test_a_partial_state_dict_reports_the_keys_as_plain_torch(name: str, kept: str) -> None:
+    src, _ = _source(name)
+    r, twin, _ = build(name)
+    partial = {k: v for k, v in src.state_dict().items() if k.startswith(kept)}
     partial["extra"] = torch.ones(1)
     expected = twin.load_state_dict(partial, strict=False)
     assert r.load_state_dict(partial, strict=False) == expected
+    assert r.module.load_state_dict(partial, strict=False) == expected
 
 
 # ---- 2c and 2d: inconsistent or hostile checkpoint files -------------------------------------

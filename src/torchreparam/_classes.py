@@ -175,6 +175,43 @@ def _derived_property(attr: str, names: tuple[str | None, ...]) -> property:
     return property(fget, fset, doc=f"{attr}: derived from the bound parameters")
 
 
+def _params_first(
+    missing: list[str], start: int, prefix: str, order: tuple[tuple[str, int | None], ...]
+) -> None:
+    """A module's missing keys as torch reports them: parameters in registration order, then
+    buffers (``missing[start:]`` holds this module's)."""
+    rank = {prefix + name: i for i, (name, _) in enumerate(order)}
+    missing[start:] = sorted(missing[start:], key=lambda k: rank.get(k, len(rank)))  # (stable)
+
+
+def _materialize(core: Core, state: dict[str, Any], prefix: str) -> None:
+    """``load_state_dict(..., assign=True)`` of the unwrapped root while ``flat_param`` is on
+    the meta device: a new ``flat_param`` of the given values (their dtype and device when they
+    agree, as torch keeps a plain module's); refused if some parameter is not given."""
+    flat, values, missing = core.flat(), [], []
+    for entry in core.layout.entries:
+        keys = [prefix + n for n in (entry.name, *entry.aliases) if prefix + n in state]
+        value = state[keys[0]] if keys else None
+        if isinstance(value, Tensor) and not value.is_meta and tuple(value.shape) == entry.shape:
+            values.append(value)
+        else:
+            missing.append(prefix + entry.name)
+    if missing:  # (raised before any module of the tree loaded anything)
+        raise ValueError(
+            "cannot load the state dict (nothing was changed): flat_param is on the meta "
+            "device (no data), so assign=True needs every parameter (with data, of its shape); "
+            f"missing {missing} (or materialize the module first: r.to_empty(device=...))"
+        )
+    kinds = {(v.dtype, v.device) for v in values}
+    first = values[0].device if values else torch.device("cpu")
+    dtype, device = next(iter(kinds)) if len(kinds) == 1 else (flat.dtype, first)
+    with torch.no_grad():
+        parts = [v.detach().reshape(-1).to(dtype=dtype, device=device) for v in values]
+        data = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
+    core.params["flat_param"] = nn.Parameter(data, requires_grad=flat.requires_grad)
+    core.follow_dtype()
+
+
 def _check_conversion(module: nn.Module, fn: Callable[[Tensor], Tensor], name: str) -> None:
     """Refuse converting one submodule's managed weights (``net[0].half()``): one flat vector
     has one dtype and one device. ``fn`` is tried on an empty view of one of them."""
@@ -334,8 +371,11 @@ def _make_class(spec: _Spec) -> type:
         error_msgs: list[str],
     ) -> None:
         core = self.__dict__[CORE_KEY]
+        if is_root and core.flat().is_meta and local_metadata.get("assign_to_params_buffers"):
+            _materialize(core, state_dict, prefix)
         keys = {prefix + name: slot for name, slot in managed.items()}
         others = {k: v for k, v in state_dict.items() if k not in keys}
+        start = len(missing_keys)
         base._load_from_state_dict(
             self, others, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -355,6 +395,7 @@ def _make_class(spec: _Spec) -> type:
                 continue
             with torch.no_grad():
                 flat[entry.slice].copy_(value.reshape(-1))
+        _params_first(missing_keys, start, prefix, order)
 
     def _apply(self: nn.Module, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
         # ``module.double()`` on the unwrapped root converts flat_param too (it holds the data).

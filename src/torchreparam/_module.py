@@ -28,7 +28,14 @@ from ._inject import CORE_KEY, Core, Writable, bind, buffer_site, call_bound, in
 from ._layout import FlatLayout, Include, aliases_of, select_parameters
 from ._population import Strategy, call_population, population_buffers
 from ._replicate import replica_of
-from ._state_dict import as_wrapper_format, drop_managed_keys, end_flat_load, restore, snapshot
+from ._state_dict import (
+    as_given,
+    as_wrapper_format,
+    drop_managed_keys,
+    end_flat_load,
+    restore,
+    snapshot,
+)
 from ._trace import Traced
 
 _tracing_state = torch._C._get_tracing_state
@@ -372,7 +379,8 @@ class ReparamModule(nn.Module):
             assign: as ``torch.nn.Module.load_state_dict``.
 
         Returns:
-            torch's ``_IncompatibleKeys`` (missing and unexpected keys, for ``strict=False``).
+            torch's ``_IncompatibleKeys`` (missing and unexpected keys, for ``strict=False``),
+            in the format given: for the unwrapped module's, the keys a plain module reports.
 
         Raises:
             StateDictMismatchError: keys or shapes do not match (a ValueError and RuntimeError).
@@ -383,11 +391,12 @@ class ReparamModule(nn.Module):
         ours = as_wrapper_format(self, state_dict, strict)
         saved = snapshot(self)  # a copy of the state, for a failure past the checks (a hook)
         try:
-            return super().load_state_dict(ours, strict=strict, assign=assign)
+            keys = super().load_state_dict(ours, strict=strict, assign=assign)
         except BaseException:
             restore(self, saved)
             self._core.loading_flat = False  # the post-hook that clears it did not run
             raise
+        return as_given(self, state_dict, ours, keys)
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         # Managed parameters come in through flat_param: their own keys are not expected.

@@ -13,7 +13,14 @@ from torch import Tensor, nn
 from ._checks import StateDictMismatchError, describe_state_dict_problems
 from ._layout import FlatLayout
 
-__all__ = ["as_wrapper_format", "drop_managed_keys", "end_flat_load", "restore", "snapshot"]
+__all__ = [
+    "as_given",
+    "as_wrapper_format",
+    "drop_managed_keys",
+    "end_flat_load",
+    "restore",
+    "snapshot",
+]
 
 
 def _layout(wrapper: nn.Module) -> FlatLayout:
@@ -66,6 +73,25 @@ def as_wrapper_format(wrapper: nn.Module, given: Mapping[str, Any], strict: bool
             (k if wrapper_format else f"module.{k}".rstrip("."), v) for k, v in metadata.items()
         )
     return out
+
+
+def as_given(
+    wrapper: nn.Module, given: Mapping[str, Any], ours: Mapping[str, Any], keys: Any
+) -> Any:
+    """The missing and unexpected keys of a load (``keys``: torch's ``_IncompatibleKeys`` for
+    the translated state dict ``ours``) in the format of the state dict the user gave: for one
+    of the unwrapped module, the keys a plain module would report (missing ones in the order
+    of its own state dict, tied parameters under each of their names)."""
+    if set(ours) == set(given):  # the wrapper's own format: as torch reported them
+        return keys
+    layout = _layout(wrapper)
+    absent = {k.removeprefix("module.") for k in keys.missing_keys}  # (buffers: torch's own)
+    absent |= {n for e in layout.entries for n in (e.name, *e.aliases) if n not in given}
+    module: nn.Module = wrapper.module  # type: ignore[assignment]
+    module_keys = list(module.state_dict(keep_vars=True))
+    missing = [k for k in module_keys if k in absent]
+    unexpected = [k.removeprefix("module.") for k in keys.unexpected_keys]
+    return type(keys)(missing, unexpected)
 
 
 def _from_module_format(
