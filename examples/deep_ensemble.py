@@ -8,7 +8,7 @@ step is one population call ``r(x, flat_param=thetas)`` and one pure SGD-with-mo
 member's test accuracy against its learning rate, the accuracy and calibration error (ECE) of
 the ensemble of the best half (chosen on a validation split) against its best single member,
 and the wall time against training the same members one by one as plain modules. The best
-member is checked out as a plain ``nn.Module`` (``member_module``) and saved with plain torch.
+member is checked out as a plain ``nn.Module`` (``member_module``) and saved by plain torch.
 
     python examples/deep_ensemble.py            # 16 members, 12 epochs (about a minute)
     python examples/deep_ensemble.py --quick    # 8 members, 3 epochs (about 15 s)
@@ -20,6 +20,7 @@ reliability diagram) is saved to ``--out``.
 from __future__ import annotations
 
 import argparse
+import io
 import time
 from pathlib import Path
 
@@ -141,12 +142,14 @@ def main() -> None:
     start = time.perf_counter()
     alone = train_one_by_one(r, thetas, lr, x_train, y_train, order)
     one_by_one = time.perf_counter() - start
-    gap = (trained - alone).abs().max().item()
     speedup = one_by_one / together
+    agree = probabilities(r, trained, x_test).argmax(-1) == probabilities(r, alone, x_test).argmax(
+        -1
+    )
     print(
         f"trained together {together:.1f} s, one by one {one_by_one:.1f} s ({speedup:.1f}x); "
-        f"largest difference between the two {gap:.1e}"
-    )
+        f"the two agree on {agree.float().mean().item():.4f} of the members' test predictions"
+    )  # (not all: float32 rounding differs, and training amplifies it, most where it diverges)
 
     val_acc = (probabilities(r, trained, x_val).argmax(-1) == y_val).float().mean(1)
     test_probs = probabilities(r, trained, x_test)  # (P, examples, 10)
@@ -166,9 +169,14 @@ def main() -> None:
         f"training {one_by_one / together:.1f}x faster together"
     )
 
-    args.out.mkdir(parents=True, exist_ok=True)
     plain = member_module(r, trained[best])  # a plain nn.Sequential: torch alone loads it
-    torch.save(plain.state_dict(), args.out / "deep_ensemble_best_member.pt")
+    saved = io.BytesIO()
+    torch.save(plain, saved)
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    same = torch.equal(loaded(x_test), r(x_test, flat_param=trained[best]))
+    print(f"best member saved and loaded by plain torch as {type(loaded).__name__}: same {same}")
+    args.out.mkdir(parents=True, exist_ok=True)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.semilogx(lr[:, 0], test_acc, "o", label="members")
     left.axhline(ens_acc, color="C1", label=f"ensemble of the best {len(chosen)}")

@@ -1,5 +1,5 @@
 """examples/deep_ensemble.py runs in quick mode: members learn, the population equals its members
-trained one by one, and the figure and the plain checkpoint of the best member are written."""
+trained one by one, the best member goes through plain torch.save/load, the figure is written."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ RESULT = re.compile(
     r"result: ensemble of (?P<k>\d+) accuracy (?P<ens>[\d.]+) ECE (?P<ece>[\d.]+); best member "
     r"accuracy (?P<best>[\d.]+) ECE [\d.]+; members mean accuracy [\d.]+; training [\d.]+x"
 )
-GAP = re.compile(r"largest difference between the two (?P<gap>[\d.e+-]+)")
+AGREE = re.compile(r"the two agree on (?P<share>[\d.]+) of the members' test predictions")
 
 
 def test_quick_run(tmp_path: Path) -> None:
@@ -33,11 +33,11 @@ def test_quick_run(tmp_path: Path) -> None:
     # The best members reach ~0.96 on held-out digits after 3 epochs; chance is 0.1.
     assert float(found["ens"]) > 0.85, proc.stdout
     assert float(found["best"]) > 0.85, proc.stdout
-    gap = GAP.search(proc.stdout)
-    assert gap, proc.stdout
-    assert float(gap["gap"]) < 1e-2, proc.stdout  # (float32 rounding over 51 steps, 8 members)
+    agree = AGREE.search(proc.stdout)
+    assert agree, proc.stdout
+    assert float(agree["share"]) > 0.97, proc.stdout  # (float32 rounding, amplified by training)
+    assert "saved and loaded by plain torch as Sequential: same True" in proc.stdout
     png = tmp_path / "deep_ensemble.png"
     assert png.read_bytes().startswith(b"\x89PNG")
     assert f"figure: {png}" in proc.stdout
-    assert (tmp_path / "deep_ensemble_best_member.pt").stat().st_size > 0
     assert "Warning" not in proc.stderr, proc.stderr

@@ -116,7 +116,7 @@ class Job:
 
     def key(self) -> tuple[Any, ...]:
         """What the faster strategy depends on: sizes, dtypes, grad, train/eval modes."""
-        if self.steps is not None:  # one tensor input; the modes that matter are in the plan
+        if isinstance(self.steps, Plan):  # one tensor input; the modes that matter are in it
             (x,) = self.args
             grad = torch.is_grad_enabled() and (self.thetas.requires_grad or x.requires_grad)
             return (self.thetas.shape, self.dims, x.shape, x.dtype, grad)
