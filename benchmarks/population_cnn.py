@@ -73,8 +73,8 @@ def _table(ctx: Context, name: str, make: type[nn.Module] | object, size: int) -
     forced = {}
     for strategy in ("batched", "vmap"):
         forced[strategy] = ReparamModule(copy.deepcopy(members[0])).eval()
-        forced[strategy].population_strategy = strategy  # type: ignore[assignment]
-    params, buffers = stack_module_state(members)  # type: ignore[arg-type]
+        forced[strategy].population_strategy = strategy
+    params, buffers = stack_module_state(members)
     base = copy.deepcopy(members[0]).to("meta")
 
     def torch_vmap() -> Tensor:
