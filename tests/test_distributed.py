@@ -185,7 +185,23 @@ def _fsdp2(rank: int) -> dict[str, Any]:
     return out
 
 
+def _cnn() -> tuple[ReparamModule, Tensor, Tensor]:
+    """A residual-free CNN with BatchNorm in eval mode: batched by its traced graph, in chunks
+    of 2 members (the same on every rank), with its 5 members' vectors and an input."""
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 2),
+    )  # fmt: skip
+    r = ReparamModule(net.double()).eval()
+    thetas = r.fresh_flat_param(5)
+    return r, thetas, torch.randn(6, 1, 4, 4, dtype=torch.float64)
+
+
 def _population(rank: int) -> dict[str, Any]:
+    cnn, cnn_thetas, images = _cnn()
+    cnn.population_strategy = "batched"
+    cnn.population_chunk_size = 2
     x, y = _data()
     r = ReparamModule(_model())
     thetas = _thetas(5, r.param_numel)  # 5 rows on 2 ranks: 3 and 2
@@ -208,6 +224,7 @@ def _population(rank: int) -> dict[str, Any]:
             "outputs": evaluate_population(lambda t: r(x, flat_param=t), thetas),  # (5, 8, 3)
             "labels": evaluate_population(lambda t: r(x, flat_param=t).argmax(-1), thetas),
             "one": evaluate_population(losses, thetas[:1]),  # rank 1 has no row
+            "cnn": evaluate_population(lambda t: cnn(images, flat_param=t), cnn_thetas),
             "grouped": evaluate_population(losses, thetas, group=dist.new_group([0, 1])),
             "failing": _attempt(lambda: evaluate_population(fails_on_rank_1, thetas)),
             "mismatch": _attempt(lambda: evaluate_population(losses, thetas[: 5 - rank])),
@@ -431,6 +448,10 @@ def test_evaluate_population_on_two_ranks_equals_the_loop_of_single_calls(
     assert torch.equal(got["labels"], outputs.argmax(-1))  # int64 rows travel too
     torch.testing.assert_close(got["one"], losses[:1], **EXACT)
     torch.testing.assert_close(got["grouped"], losses, **EXACT)
+    cnn, cnn_thetas, images = _cnn()  # batched in chunks on each rank, gathered in order
+    with torch.no_grad():
+        expected = torch.stack([cnn(images, flat_param=theta) for theta in cnn_thetas])
+    torch.testing.assert_close(got["cnn"], expected)
 
 
 @pytest.mark.parametrize("rank", range(WORLD))
