@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 
-from .page import compose_page, write_page
-from .report import Table
-from .suite import CASES, run_suite
+import torch
+
+from .page import compose_page, merge_tables, write_page
+from .report import Table, load_average
+from .suite import CASES, run_device, run_suite
 
 __all__ = ["DEFAULT_OUT", "main"]
 
@@ -42,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"run only this case (repeatable): {', '.join(CASES)}",
     )
     parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only: put the measured tables into the page (replacing those of the same "
+        "title), each noted with the date and load of this run, instead of printing them",
+    )
+    parser.add_argument(
         "--rewrite",
         action="store_true",
         help="measure nothing: write the page again from its own figures (after a change to "
@@ -62,6 +71,25 @@ def _summary(tables: list[Table]) -> str:
     return "\n".join(lines)
 
 
+def _merge(page: Path, only: Sequence[str], devices: Sequence[str]) -> int:
+    """Run ``only`` on each available device and merge its tables into ``page``."""
+    command = " ".join(f"--only {o}" for o in only)
+    for device in devices:
+        if device == "cuda" and not torch.cuda.is_available():
+            continue
+        load = load_average()
+        _, tables = run_device(device, False, only)
+        note = (
+            f"measured {date.today().isoformat()} by `python -m benchmarks {command} --merge` "
+            f"(load average at start {load:.1f}), apart from the full run this section's "
+            "environment describes"
+        )
+        merge_tables(page, device, tables, note)
+        print(f"merged {len(tables)} {device} table(s) into {page}")
+        print(_summary(tables), file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the suite as ``argv`` says; print the verdicts; write the page."""
     args = _parser().parse_args(argv)
@@ -70,7 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_page(page, {})
         print(f"wrote {page} from its own figures")
         return 0
+    if args.merge and (not args.only or args.smoke):
+        print("--merge takes --only (a partial run) and no --smoke", file=sys.stderr)
+        return 2
     devices = args.device or ["cpu", "cuda"]
+    if args.merge:
+        return _merge(Path(args.out or DEFAULT_OUT), args.only, devices)
     sections, tables = run_suite(smoke=args.smoke, only=args.only, devices=devices)
     out = args.out
     if out is None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .report import parse_section, render_section
+from .report import Table, parse_section, render_section
 from .summary import in_short
 
-__all__ = ["compose_page", "write_page"]
+__all__ = ["merge_tables", "compose_page", "write_page"]
 
 TITLE = """\
 # Benchmarks
@@ -103,6 +103,29 @@ def compose_page(sections: Mapping[str, str], existing: str | None) -> str:
         parts += [f"<!-- bench:{name} -->", body.strip(), f"<!-- /bench:{name} -->", ""]
     parts.append(FOOTER)
     return "\n".join(parts)
+
+
+def merge_tables(path: Path, device: str, tables: Sequence[Table], note: str) -> None:
+    """Put ``tables`` (a partial run's) into ``device``'s section of the page at ``path``: a
+    table of the same title is replaced, a new one goes after the others; each gets ``note``
+    (when and how it was measured: the section's environment is the last full run's).
+
+    Raises:
+        ValueError: the page has no measured section for ``device`` (run the full suite first).
+    """
+    page = path.read_text()
+    body = _section_of(page, device)
+    if not body or "\n|" not in body:
+        raise ValueError(f"{path} has no measured {device} section to merge into: run the suite")
+    section = parse_section(body)
+    for table in tables:
+        table.notes = [*table.notes, note]
+        titles = [t.title for t in section.tables]
+        if table.title in titles:
+            section.tables[titles.index(table.title)] = table
+        else:
+            section.tables.append(table)
+    path.write_text(compose_page({device: render_section(section)}, page))
 
 
 def write_page(path: Path, sections: Mapping[str, str]) -> None:

@@ -205,6 +205,23 @@ def test_page_keeps_the_sections_it_did_not_measure(tmp_path: Path) -> None:
     assert text.count("cpu figures") == 2  # intro and table, the old ones gone
 
 
+def test_merge_puts_a_partial_runs_tables_into_the_page(tmp_path: Path) -> None:
+    path = tmp_path / "b.md"
+    path.write_text(DEFAULT_OUT.read_text())
+    before = report.parse_section(page._section_of(path.read_text(), "cpu") or "")
+    old = before.tables[0]
+    new = Table("x", old.title, "", "", old.headers, [tuple("1" for _ in old.headers)])
+    extra = Table("x", "A new table", "", "", ("a", "b"), [("1", "2")])
+    page.merge_tables(path, "cpu", [new, extra], "measured today")
+    after = report.parse_section(page._section_of(path.read_text(), "cpu") or "")
+    assert [t.title for t in after.tables] == [*(t.title for t in before.tables), "A new table"]
+    assert after.tables[0].rows == new.rows
+    assert after.tables[0].notes[-1] == "measured today"
+    assert after.tables[1:-1] == before.tables[1:]
+    with pytest.raises(ValueError, match="has no measured cuda section to merge into"):
+        page.merge_tables(path, "cuda", [extra], "")
+
+
 def test_compare_pairs_rounds() -> None:
     calls = {"a": 0, "b": 0}
 
