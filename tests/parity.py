@@ -518,6 +518,20 @@ def _deepcopy_submodule() -> None:
     same(r.module(*x), twin(*x), "the wrapped model after training the copy")
 
 
+def _deepcopy_root() -> None:
+    r, twin, x = pair("convbn")
+    c, c_twin = copy.deepcopy(r.module), copy.deepcopy(twin)
+    same([type(m) for m in c.modules()], [type(m) for m in c_twin.modules()], "the copy's classes")
+    same(c(*x), c_twin(*x), "the copy's output")
+    same_state(c, c_twin, "the copy's state_dict")
+    for module in (c, c_twin):  # the copy trains on its own, as a plain module
+        opt = torch.optim.SGD(module.parameters(), lr=0.1)
+        loss(module(*x)).backward()
+        opt.step()
+    same(named(c), named(c_twin), "the copy's parameters after an SGD step")
+    same(r.module(*x), twin(*x), "the wrapped model after training the copy")
+
+
 def _pickle() -> None:
     r, twin, x = pair("convbn")
     p, p_twin = (pickle.loads(pickle.dumps(m)) for m in (r.module, twin))
@@ -621,6 +635,7 @@ ROWS_MODULE = [
     same_row(M, "share_memory", "`net.share_memory()`", _share_memory),
     same_row(M, "apply_init", "`net.apply(init)` with an init writing weights in place", _apply_init),
     same_row(M, "deepcopy_submodule", "`copy.deepcopy(net[0])` (a plain, small, independent module)", _deepcopy_submodule),
+    same_row(M, "deepcopy_module", "`copy.deepcopy(net)` (the whole unwrapped module: a plain, independent module)", _deepcopy_root),
     same_row(M, "pickle", "`pickle.loads(pickle.dumps(net))`, conv + BatchNorm", _pickle),
     refused_row(M, "register_parameter_new", "`net[0].register_parameter('extra', nn.Parameter(...))` (a new name)", "make structural changes before wrapping", "mlp",
                 lambda r: r.module[0].register_parameter("extra", nn.Parameter(torch.ones(3))), r"register_parameter|extra", BEFORE),

@@ -490,9 +490,8 @@ ROWS_HF = [
     same_row(H, "hf_generate", "`model.generate(ids)` (greedy)", _hf_values(_generate)),
 ]  # fmt: skip
 
-_NOT_REGISTERED = "the managed parameters are not in the modules' _parameters"
+_NOT_REGISTERED = "the managed parameters are not in the modules' _parameters (registering the leaves there would make a parent of the wrapper, such as nn.Sequential(r, head), list flat_param and every leaf: an optimizer of its parameters() would step each weight twice)"
 GAPS: dict[str, str] = {  # row -> what goes wrong today (the row is marked xfail(strict=True))
-    "averaged_model": f"AveragedModel deep-copies net inside a new parent whose parameters() is empty ({_NOT_REGISTERED}), so update_parameters raises torch's internal 'Expected !nested_tensorlist[0].empty()'",
     "parent_container": f"a new parent's named_parameters() and parameters() are empty, its state_dict() is right ({_NOT_REGISTERED}: only net.named_parameters() lists them)",
 }  # fmt: skip
 TABLE: tuple[Row, ...] = tuple(

@@ -333,8 +333,10 @@ def _make_class(spec: _Spec) -> type:
 
     def __deepcopy__(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
         core = self.__dict__[CORE_KEY]
-        if not is_root and not memo.get(TREE_COPY) and id(core) not in memo:  # type: ignore[call-overload,unused-ignore]
-            return plain_copy(self, memo)  # one submodule: a plain module, its weights only
+        holder = core._holder()  # (a copy of the wrapper copies the tree: it is in memo then)
+        in_tree = memo.get(TREE_COPY) or id(core) in memo or id(holder) in memo  # type: ignore[call-overload,unused-ignore]
+        if not in_tree:  # the unwrapped module, or one submodule: a plain module, its weights
+            return plain_copy(self, memo)
         memo[TREE_COPY] = True  # type: ignore[index,unused-ignore]
         if base_copy is not None:  # (parametrized classes define their own)
             return base_copy(self, memo)

@@ -2,8 +2,9 @@
 
 Module surgery after wrapping would leave ``flat_param`` describing another model: a replaced
 or deleted submodule whose weights live in ``flat_param``, a new parameter or buffer outside
-it. Each is refused before anything changes, with what to do instead. A deep copy of one
-submodule is a plain module holding copies of its own weights only.
+it. Each is refused before anything changes, with what to do instead. A deep copy of the
+unwrapped module or of one submodule (not a copy of the wrapper, which copies the whole tree) is
+a plain module holding copies of its own weights only.
 
 Parametrizations and hook-based utilities change which tensors hold a module's weights; they are
 recognised at their first step, before they change anything: ``register_parametrization`` and
@@ -109,9 +110,9 @@ class ManagedParameters(dict):
         if key in self.managed:
             raise _Refused(
                 f"{operation} module._parameters[{key!r}] of {self.owner}, a module of a model "
-                f"wrapped by torchreparam: its values live in flat_param (read module.{key}). "
-                "Hook-based utilities that take a parameter out of _parameters "
-                "(nn.utils.spectral_norm, nn.utils.weight_norm) cannot apply after wrapping: use "
+                f"wrapped by torchreparam: its values live in flat_param (read module.{key}), "
+                "and hook-based utilities that take a parameter out of _parameters "
+                "(nn.utils.spectral_norm, nn.utils.weight_norm) cannot apply after wrapping; use "
                 "torch.nn.utils.parametrizations (spectral_norm, weight_norm, orthogonal), "
                 "registered before wrapping"
             )
@@ -148,8 +149,8 @@ class _Parametrizations:
     def __get__(self, module: nn.Module | None, owner: type | None = None) -> Any:
         if module is None:
             return self
-        caller = sys._getframe(1)
-        if caller.f_code is _IS_PARAMETRIZED and caller.f_back is not None:
+        caller = None if torch.compiler.is_dynamo_compiling() else sys._getframe(1)
+        if caller is not None and caller.f_code is _IS_PARAMETRIZED and caller.f_back is not None:
             changer = _CHANGERS.get(caller.f_back.f_code)
             if changer is not None:
                 name = caller.f_locals.get("tensor_name")
@@ -208,4 +209,6 @@ def _own_parameters(
                 data = value.detach().clone(memory_format=torch.contiguous_format)
             made[key] = nn.Parameter(data, requires_grad=value.requires_grad)
         out[name] = made[key]
+    for name, value in sub._parameters.items():  # registered as None (Linear(bias=False))
+        out.setdefault(name, value)
     return out
