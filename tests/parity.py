@@ -501,6 +501,16 @@ def _storage_bytes(module: nn.Module) -> int:
     return sum(storages.values())
 
 
+def _trains_alone(r: ReparamModule, twin: nn.Module, copies: tuple[nn.Module, nn.Module], x: tuple[Any, ...]) -> None:  # fmt: skip
+    """A copy (and the twin's) trains on its own, as a plain module; the model is untouched."""
+    for module in copies:
+        opt = torch.optim.SGD(module.parameters(), lr=0.1)
+        loss(module(*x)).backward()
+        opt.step()
+    same(named(copies[0]), named(copies[1]), "the copy's parameters after an SGD step")
+    same(r.module(*x), twin(*x), "the wrapped model after training the copy")
+
+
 def _deepcopy_submodule() -> None:
     r, twin, x = pair(lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1000)))
     c, c_twin = copy.deepcopy(r.module[0]), copy.deepcopy(twin[0])
@@ -510,12 +520,7 @@ def _deepcopy_submodule() -> None:
     assert size <= plain, f"the copy holds {size} bytes of tensors, the plain copy {plain}"
     size, plain = len(pickle.dumps(c)), len(pickle.dumps(c_twin))
     assert size <= plain + 4096, f"the copy pickles to {size} bytes, the plain copy to {plain}"
-    for module in (c, c_twin):  # the copy trains on its own, as a plain module
-        opt = torch.optim.SGD(module.parameters(), lr=0.1)
-        loss(module(*x)).backward()
-        opt.step()
-    same(named(c), named(c_twin), "the copy's parameters after an SGD step")
-    same(r.module(*x), twin(*x), "the wrapped model after training the copy")
+    _trains_alone(r, twin, (c, c_twin), x)
 
 
 def _deepcopy_root() -> None:
@@ -524,12 +529,7 @@ def _deepcopy_root() -> None:
     same([type(m) for m in c.modules()], [type(m) for m in c_twin.modules()], "the copy's classes")
     same(c(*x), c_twin(*x), "the copy's output")
     same_state(c, c_twin, "the copy's state_dict")
-    for module in (c, c_twin):  # the copy trains on its own, as a plain module
-        opt = torch.optim.SGD(module.parameters(), lr=0.1)
-        loss(module(*x)).backward()
-        opt.step()
-    same(named(c), named(c_twin), "the copy's parameters after an SGD step")
-    same(r.module(*x), twin(*x), "the wrapped model after training the copy")
+    _trains_alone(r, twin, (c, c_twin), x)
 
 
 def _pickle() -> None:

@@ -209,6 +209,6 @@ def _own_parameters(
                 data = value.detach().clone(memory_format=torch.contiguous_format)
             made[key] = nn.Parameter(data, requires_grad=value.requires_grad)
         out[name] = made[key]
-    for name, value in sub._parameters.items():  # registered as None (Linear(bias=False))
-        out.setdefault(name, value)
+    for name, registered in sub._parameters.items():  # None ones (Linear(bias=False))
+        out.setdefault(name, registered)
     return out
