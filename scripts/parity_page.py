@@ -135,7 +135,12 @@ def generate() -> tuple[str, list[str], dict[str, int]]:
         )
     summary = (
         f"{len(test_parity.TABLE)} operations: {counts['same']} give the same result, "
-        f"{counts['refused']} are refused clearly, {counts['known gaps']} are known gaps."
+        f"{counts['refused']} are refused clearly, "
+        + (
+            "1 is a known gap."
+            if counts["known gaps"] == 1
+            else f"{counts['known gaps']} are known gaps."
+        )
     )
     lines = [INTRO.format(torch=torch.__version__.split("+")[0], summary=summary)]
     for group, rows in groups.items():
