@@ -182,12 +182,10 @@ def main() -> None:
     left.axhline(ens_acc, color="C1", label=f"ensemble of the best {len(chosen)}")
     left.set(xlabel="learning rate", ylabel="test accuracy", title="One population, one sweep")
     left.legend()
-    centers = (torch.arange(10) + 0.5) / 10
     right.plot([0, 1], [0, 1], "k:", label="calibrated")
     right.plot(ens_conf, ens_bins, "o-", label=f"ensemble (ECE {ens_ece:.3f})")
     right.plot(one_conf, one_bins, "s-", label=f"best member (ECE {one_ece:.3f})")
     right.set(xlabel="confidence", ylabel="accuracy", title="Reliability", xlim=(0, 1))
-    right.set_xticks(centers[::2].tolist())
     right.legend()
     fig.tight_layout()
     figure = args.out / "deep_ensemble.png"

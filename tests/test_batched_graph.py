@@ -18,13 +18,14 @@ from torch import Tensor, nn
 from torchreparam import ReparamModule, _population_job, explain_population
 from torchreparam._batched_graph import GraphPlan
 
-torch.set_default_dtype(torch.float64)  # (restored in the module's teardown)
 
-
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def _float64() -> Any:
+    """Float64 models and inputs in this module's tests (tight comparisons with the loop)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
     yield
-    torch.set_default_dtype(torch.float32)
+    torch.set_default_dtype(before)
 
 
 @pytest.fixture
@@ -179,8 +180,8 @@ def test_a_baked_attribute_changed_is_traced_again(no_loop: None) -> None:
     first = r(x, flat_param=thetas)
     r.module[1].scale = 2.0
     second = r(x, flat_param=thetas)
-    r.module[1].train()  # BatchNorm in train mode updates its statistics: no plan
-    with pytest.raises(ValueError, match=re.escape("is in train mode with buffers")):
+    r.module[1].train()  # BatchNorm in train mode updates the statistics all members share
+    with pytest.raises(ValueError, match=re.escape("'batched' would update buffers shared")):
         r(x, flat_param=thetas)
     r.module[1].eval()
     torch.testing.assert_close(second, _loop(r, thetas, x, per_member=False))
@@ -242,10 +243,12 @@ def test_explain_says_what_runs_and_why() -> None:
     chosen = re.search(r"auto: chose '(\w+)' for this signature \(trial: batched .* ms, vmap", text)
     assert chosen is not None
     assert chosen.group(1) in ("batched", "vmap", "loop")
-    r.train()
+    r.train()  # BatchNorm updates the statistics all members share: only the loop is exact
     text = explain_population(r, x, flat_param=thetas)
     assert "vmap: may not run" in text
-    assert "batched plan: none (module '1.norm' (BatchNorm2d) is in train mode" in text
+    r.module[1].conv1.register_forward_hook(lambda m, i, o: o)
+    text = explain_population(r, x, flat_param=thetas)
+    assert "batched plan: none (module '1.conv1' (Conv2d) has hooks" in text
     mlp = ReparamModule(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
     text = explain_population(mlp, torch.randn(2, 3), flat_param=mlp.fresh_flat_param(2))
     assert "the multilayer perceptron's" in text
@@ -287,3 +290,35 @@ def test_random_residual_and_attention_models_match_the_loop(
     x = torch.randn(population, *shape) if per_member else torch.randn(*shape)
     thetas = r.fresh_flat_param(population) + 0.1 * torch.randn(population, r.param_numel)
     _check(r, thetas.requires_grad_(), x.requires_grad_(), per_member)
+
+
+def test_batchnorm_in_train_mode_updates_each_members_statistics(no_loop: None) -> None:
+    r = ReparamModule(resnet())  # train mode: BatchNorm updates its statistics
+    stats = [b.expand(3, *b.shape).clone() for b in r.module.buffers()]
+    r.population_strategy = "batched"
+    r(torch.randn(4, 1, 6, 6), flat_param=r.fresh_flat_param(3), buffers=stats)  # no loop
+    assert stats[2].tolist() == [1, 1, 1]  # the first BatchNorm's num_batches_tracked
+    assert not torch.equal(stats[0][0], torch.zeros(4))  # its running mean moved
+    with pytest.raises(ValueError, match=re.escape("'batched' would update buffers shared")):
+        r(torch.randn(4, 1, 6, 6), flat_param=r.fresh_flat_param(3))  # shared statistics
+
+
+def test_batchnorm_in_train_mode_equals_the_loop() -> None:
+    r = ReparamModule(resnet())
+    population = 3
+    stats = [b.expand(population, *b.shape).clone() for b in r.module.buffers()]
+    theirs = [b.clone() for b in stats]
+    thetas = r.fresh_flat_param(population).requires_grad_()
+    ref = thetas.detach().clone().requires_grad_()
+    x = torch.randn(4, 1, 6, 6)
+    for _ in range(2):  # twice: the statistics move on from the first call's
+        r.population_strategy = "batched"
+        out = r(x, flat_param=thetas, buffers=stats)
+        r.population_strategy = "loop"
+        expected = r(x, flat_param=ref, buffers=theirs)
+        torch.testing.assert_close(out, expected)
+        for mine, loop in zip(stats, theirs, strict=True):
+            torch.testing.assert_close(mine, loop)
+        got = torch.autograd.grad(out.square().sum(), thetas)[0]
+        torch.testing.assert_close(got, torch.autograd.grad(expected.square().sum(), ref)[0])
+    assert all(int(b) == 0 for b in r.module.buffers() if not b.is_floating_point())

@@ -194,7 +194,7 @@ def test_torch_optim_on_the_population_parameter(name: str) -> None:
         getattr(torch.optim, name)([thetas], lr=torch.full((3, 1), 0.01))
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "loop", "auto"])
+@pytest.mark.parametrize("strategy", ["vmap", "loop", "auto", "batched"])
 def test_a_batchnorm_cnn_population_trains_as_its_members_alone(strategy: str) -> None:
     torch.manual_seed(0)
     r = ReparamModule(bn_cnn())  # train mode: BatchNorm updates each member's statistics

@@ -36,6 +36,7 @@ from ._layout import FlatLayout
 __all__ = ["GraphPlan", "graph_plan"]
 
 _INPLACE_METHODS_SUFFIX = "_"
+_BATCH_NORM = nn.modules.batchnorm._BatchNorm.forward  # (in train mode: statistics per member)
 _INPLACE_OPERATORS = frozenset(
     [operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow,
      operator.iand, operator.ior, operator.imatmul, operator.setitem]
@@ -184,7 +185,11 @@ def _make(root: nn.Module, core: Core) -> GraphPlan:
             raise _Refused(f"{where} has hooks or a patched forward/__call__")
         if parametrize.is_parametrized(m):
             raise _Refused(f"{where} is parametrized")
-        if m.training and next(m.buffers(recurse=False), None) is not None:
+        if (
+            m.training
+            and next(m.buffers(recurse=False), None) is not None
+            and not (module_rule(m) is not None and type(m).forward is _BATCH_NORM)
+        ):
             raise _Refused(f"{where} is in train mode with buffers (it may update them)")
     tracer = _Tracer(layout, core.flat())
     own = core.own_buffers()

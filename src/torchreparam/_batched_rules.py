@@ -101,21 +101,31 @@ def _per_channel(value: Tensor | None, p: int, channels: int) -> Tensor | None:
 
 
 def _batch_norm(module: nn.Module, w: Weights, x: Tensor, stacked: bool, p: int) -> Tensor | None:
-    """Eval mode (running statistics), or train mode without them (batch statistics)."""
+    """Eval mode (running statistics); train mode with batch statistics, updating each
+    member's own running statistics when they are given per member (``None`` otherwise)."""
     assert isinstance(module, nn.modules.batchnorm._BatchNorm)
     member_dims = x.dim() - stacked
     if member_dims < 2 or x.shape[stacked + 1] != module.num_features:
         return None
     channels = module.num_features
-    mean, var = w.get("running_mean"), w.get("running_var")
+    mean, var, count = w.get("running_mean"), w.get("running_var"), w.get("num_batches_tracked")
+    factor = 0.0
+    updates = module.training and module.track_running_stats
+    if updates:
+        if module.momentum is None or mean is None or var is None or count is None:
+            return None  # (a cumulative average: each member's own count decides)
+        if not all(t.dim() == 2 and t.is_contiguous() for t in (mean, var)) or count.dim() != 1:
+            return None  # (shared statistics would be updated once: vmap or the loop)
+        count.add_(1)
+        factor = module.momentum
     out = F.batch_norm(
         _members_as_channels(x, stacked, p),
-        _per_channel(mean, p, channels),
+        _per_channel(mean, p, channels),  # (per member: a view, updated in place)
         _per_channel(var, p, channels),
         _per_channel(w["weight"], p, channels),
         _per_channel(w["bias"], p, channels),
-        module.training and mean is None,  # (batch statistics: no buffer to update)
-        0.0,
+        module.training or mean is None,
+        factor,
         module.eps,
     )
     return _from_channels(out, p)
@@ -255,11 +265,8 @@ def module_rule(module: nn.Module) -> tuple[ModuleRule, tuple[str, ...]] | None:
         return None  # (the loop would change a shared input once per member)
     if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p != 0:
         return None  # random: traced through, its F.dropout runs under vmap
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if module.training and module.track_running_stats:
-            return None  # (updates its statistics: the plan is refused, see _graph)
-        if not module.training and module.running_mean is None:
-            return None  # (eval without statistics: batch statistics, as train mode)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
+        return None  # (a cumulative average from each member's count: vmap or the loop)
     if isinstance(module, nn.Embedding) and (
         module.padding_idx is not None or module.max_norm is not None
     ):

@@ -134,9 +134,10 @@ def prepare(
     if strategy not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
     may_vmap = _vmap_is_exact(core, bound, buffer_dims)
-    if strategy == "vmap" and not may_vmap:
+    if strategy in ("vmap", "batched") and not may_vmap:
         raise ValueError(
-            "strategy 'vmap' would update buffers shared by all members once instead of once per "
+            f"strategy {strategy!r} would update buffers shared by all members once instead of "
+            "once per "
             "member (modules with buffers are in train mode): pass per-member buffers of shape "
             "(population, *shape), use eval mode, or use strategy 'loop'"
         )
@@ -324,8 +325,12 @@ def _trial_job(job: Job) -> tuple[Job, list[tuple[Tensor, Tensor]]]:
 
     args = tuple(copy(a) for a in job.args)
     kwargs = {k: copy(v) for k, v in job.kwargs.items()}
+    buffers = None
+    if job.buffers is not None:  # (per-member BatchNorm statistics: updated by the trial)
+        with torch.no_grad():
+            buffers = [b.clone() for b in job.buffers]
     tj = Job(
-        job.core, job.fn, args, kwargs, job.thetas, job.buffers, job.dims, job.buffer_dims,
+        job.core, job.fn, args, kwargs, job.thetas, buffers, job.dims, job.buffer_dims,
         job.kw_dims, job.randomness,
     )  # fmt: skip
     tj.steps = job.steps

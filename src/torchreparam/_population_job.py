@@ -90,14 +90,21 @@ class Job:
             if out is None and not fallback:
                 raise ValueError("the input does not fit the batched plan")
             return self.loop() if out is None else (_ONE_TENSOR, [out])
-        try:  # (side-effect free: the plan refuses modules that update buffers)
-            made = run_graph(
-                self.steps, rows, self.args, self.dims, self.graph_buffers(), self.randomness
-            )
+        buffers = self.graph_buffers()  # (only per-member ones may change: BatchNorm, train)
+        with torch.no_grad():
+            saved = [b.value.clone() for b in buffers.values() if b.stacked]
+        try:
+            made = run_graph(self.steps, rows, self.args, self.dims, buffers, self.randomness)
         except Exception:  # an input that does not fit: the loop raises the module's own error
+            made = None
             if not fallback:
                 raise
-            made = None
+        finally:
+            if made is None:  # (nothing happened: the loop, if any, starts from the same state)
+                with torch.no_grad():
+                    changed = [b.value for b in buffers.values() if b.stacked]
+                    for now, before in zip(changed, saved, strict=True):
+                        now.copy_(before)
         if made is None:
             if not fallback:
                 raise ValueError("the input does not fit the batched plan")
