@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from .peers import FUNC_FLAT, HIGHER, ORIGINAL, OURS
 from .population import OURS_POP
 from .report import Section, Table, md_table
+from .unroll import CKPT as UNROLL_CKPT
+from .unroll import FUNC as UNROLL_FUNC
+from .unroll import HIGHER as UNROLL_HIGHER
+from .unroll import ORIGINAL as UNROLL_ORIG
 
 __all__ = ["in_short", "slug"]
 
@@ -87,6 +91,17 @@ def _memory(t: Table) -> tuple[str, str, str, str]:
     return _cell(t, "torchreparam", 2) or "—", "—", "—", _cell(t, "original torchreparam", 2) or "—"
 
 
+def _unroll_memory(t: Table) -> tuple[str, str, str, str]:
+    """Growth of peak memory over the table's range of K: our exact checkpoint mode, the
+    peers' full unrolls."""
+
+    def growth(row: str) -> str:
+        cell = _cell(t, row, len(t.headers) - 1)
+        return f"{cell} MB" if cell else "—"
+
+    return growth(UNROLL_CKPT), growth(UNROLL_FUNC), growth(UNROLL_HIGHER), growth(UNROLL_ORIG)
+
+
 LINES = (
     Line("Call with another flat vector: MLP forward, time / plain", "Forward with", "", _times),
     Line("Forward+backward to the vector: MLP, time / plain", "Forward+backward to", "", _times),
@@ -94,6 +109,8 @@ LINES = (
     Line("MAML meta-step, MLP: time / fastest torch.func recipe", "MAML", "MLP", _maml),
     Line("Population in one call, MLP: speed-up over the loop", "Population", "MLP", _population),
     Line("Population in one call, conv net: same", "Population", "conv", _population),
+    Line("Long inner loops, conv net: memory of 80 more inner steps (exact gradient)",
+         "Long inner loops: peak memory", "", _unroll_memory),
     Line("ResNet-18 forward+backward, tuned allocator: time / plain", "ResNet-18", "tuned", _times),
     Line("Wrapping GPT-2 small: peak extra memory / weights", "Wrapping", "", _memory),
 )  # fmt: skip
