@@ -29,7 +29,8 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ._batched import _called_as_torch_defines, _global_hooks, _hooked
-from ._batched_rules import FUNCTIONS, METHODS, Stacked, module_rule
+from ._batched_functions import FUNCTIONS, METHODS
+from ._batched_rules import Stacked, module_rule
 from ._inject import Core, bind
 from ._layout import FlatLayout
 

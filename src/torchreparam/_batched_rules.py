@@ -9,16 +9,12 @@ loop of single calls computes, with the members folded into one kernel: ``baddbm
 ``Linear``, a grouped convolution for ``Conv1d``/``Conv2d``, members as channels for the norms,
 members as batch rows for pooling.
 
-Function rules (:data:`FUNCTIONS`) cover what forward code calls between layers: elementwise
-arithmetic and activations (the members' dimensions aligned first), shape queries and reshapes
-(answered per member), reductions and softmax over a member's dimension (shifted by one),
-matrix products and attention over stacked operands. What has no rule runs under ``vmap``, one
-graph node at a time.
+The functions that forward code calls between layers have their rules in
+:mod:`._batched_functions`; what has no rule runs under ``vmap``, one graph node at a time.
 """
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FUNCTIONS", "METHODS", "MODULES", "Stacked", "module_rule"]
+__all__ = ["MODULES", "Stacked", "flatten_member", "module_rule", "shift"]
 
 Weights = dict[str, Tensor | None]  # a module's weights by name, each (P, *shape) or None
 ModuleRule = Callable[[nn.Module, Weights, Tensor, bool, int], "Tensor | None"]
@@ -201,11 +197,11 @@ def _flatten(module: nn.Module, w: Weights, x: Tensor, stacked: bool, p: int) ->
     assert isinstance(module, nn.Flatten)
     if not stacked:
         x = x.unsqueeze(0).expand(p, *x.shape)
-    out = _flatten_member(x, module.start_dim, module.end_dim)
+    out = flatten_member(x, module.start_dim, module.end_dim)
     return out
 
 
-def _flatten_member(x: Tensor, start: int, end: int) -> Tensor | None:
+def flatten_member(x: Tensor, start: int, end: int) -> Tensor | None:
     dims = x.dim() - 1  # a member's
     start, end = start + dims if start < 0 else start, end + dims if end < 0 else end
     if not 0 <= start <= end < dims:
@@ -222,7 +218,7 @@ def _softmax_module(
     if not stacked:
         x = x.unsqueeze(0).expand(p, *x.shape)
     fn = F.softmax if isinstance(module, nn.Softmax) else F.log_softmax
-    return fn(x, _shift(dim, x.dim() - 1))
+    return fn(x, shift(dim, x.dim() - 1))
 
 
 _ELEMENTWISE_MODULES = (
@@ -278,165 +274,6 @@ def module_rule(module: nn.Module) -> tuple[ModuleRule, tuple[str, ...]] | None:
     return found
 
 
-# ---- functions and methods ----------------------------------------------------------------
-def _shift(dim: int, member_dims: int) -> int:
+def shift(dim: int, member_dims: int) -> int:
     """A member's dimension ``dim`` in the stacked tensor."""
     return dim + 1 if dim >= 0 else dim  # (negative: counted from the end, the same)
-
-
-def _aligned(args: tuple[Any, ...], stacked: tuple[bool, ...]) -> tuple[Any, ...]:
-    """Stacked operands padded to one member rank, so that broadcasting aligns members."""
-    ranks = [a.dim() - s for a, s in zip(args, stacked, strict=True) if isinstance(a, Tensor)]
-    top = max(ranks, default=0)
-    out = []
-    for a, s in zip(args, stacked, strict=True):
-        if isinstance(a, Tensor) and s and a.dim() - 1 < top:
-            a = a.view(a.shape[0], *(1,) * (top - a.dim() + 1), *a.shape[1:])
-        out.append(a)
-    return tuple(out)
-
-
-_ELEMENTWISE_FUNCTIONS = frozenset(
-    [
-        operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
-        operator.iadd, operator.isub, operator.imul, operator.itruediv,
-        torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.exp, torch.tanh,
-        torch.sigmoid, torch.relu, torch.sqrt, torch.rsqrt, torch.abs, torch.where,
-        F.relu, F.gelu, F.silu, F.elu, F.leaky_relu, F.softplus, F.tanh, F.sigmoid, F.mish,
-        F.hardswish, F.relu6,
-    ]
-)  # fmt: skip
-_ELEMENTWISE_METHODS = frozenset(
-    [
-        "add", "sub", "mul", "div", "neg", "exp", "tanh", "sigmoid", "relu", "sqrt", "rsqrt",
-        "abs", "pow", "add_", "mul_", "sub_", "div_", "relu_", "contiguous", "float", "to",
-        "type_as",
-    ]
-)  # fmt: skip
-_INPLACE = frozenset(
-    [operator.iadd, operator.isub, operator.imul, operator.itruediv, "add_", "mul_", "sub_",
-     "div_", "relu_"]
-)  # fmt: skip
-
-FunctionRule = Callable[[Any, tuple[Any, ...], dict[str, Any], tuple[bool, ...]], Any]
-
-
-def _elementwise_call(
-    fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], st: tuple[bool, ...]
-) -> Any:
-    if any(isinstance(v, Tensor) for v in kwargs.values()) or kwargs.get("inplace"):
-        return NotImplemented
-    if fn in _INPLACE and not st[0]:
-        return NotImplemented  # (a shared value changed in place: once, not once per member)
-    aligned = _aligned(args, st)
-    return (
-        fn(*aligned, **kwargs)
-        if not isinstance(fn, str)
-        else getattr(aligned[0], fn)(*aligned[1:], **kwargs)
-    )
-
-
-def _member_shape(x: Tensor) -> torch.Size:
-    return x.shape[1:]
-
-
-def _reshape(x: Tensor, shape: tuple[Any, ...]) -> Tensor:
-    if len(shape) == 1 and isinstance(shape[0], tuple | list | torch.Size):
-        shape = tuple(shape[0])
-    return x.reshape(x.shape[0], *shape)
-
-
-def _method(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], st: tuple[bool, ...]) -> Any:
-    """Methods of a stacked tensor that have a rule (``NotImplemented``: none)."""
-    x = args[0]
-    if not st[0] or any(st[1:]):
-        return NotImplemented
-    member = x.dim() - 1
-    if name == "size":
-        return (
-            _member_shape(x)
-            if len(args) == 1 and not kwargs
-            else _member_shape(x)[args[1] if len(args) > 1 else kwargs["dim"]]
-        )
-    if name == "dim":
-        return member
-    if name in ("view", "reshape") and not kwargs:
-        return _reshape(x, args[1:])
-    if name == "flatten":
-        start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
-        end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
-        out = _flatten_member(x, start, end)
-        return NotImplemented if out is None else out
-    if name in ("transpose", "swapaxes") and not kwargs and len(args) == 3:
-        return x.transpose(_shift(args[1], member), _shift(args[2], member))
-    if name == "permute" and not kwargs:
-        dims = args[1] if len(args) == 2 and isinstance(args[1], tuple | list) else args[1:]
-        return x.permute(0, *(_shift(d, member) for d in dims))
-    return NotImplemented
-
-
-def _reduce(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], st: tuple[bool, ...]) -> Any:
-    """Softmax, sums and means over a member's dimension(s): shifted by one."""
-    if not st[0] or any(st[1:]):
-        return NotImplemented
-    x, member = args[0], args[0].dim() - 1
-    rest = dict(kwargs)
-    dim = args[1] if len(args) > 1 else rest.pop("dim", None)
-    if dim is None or len(args) > 2:
-        return NotImplemented
-    rest.pop("dim", None)
-    dims = (
-        tuple(_shift(d, member) for d in dim)
-        if isinstance(dim, tuple | list)
-        else _shift(dim, member)
-    )
-    return fn(x, dims, **rest)
-
-
-def _matmul(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], st: tuple[bool, ...]) -> Any:
-    """Matrix products and attention: stacked operands of two or more dimensions per member
-    broadcast as batched matrices (shared ones too, when no more than a member's rank)."""
-    tensors = [(a, s) for a, s in zip(args, st, strict=True) if isinstance(a, Tensor)]
-    if any(isinstance(v, Tensor) for v in kwargs.values()) or len(tensors) != len(args):
-        return NotImplemented
-    if any(a.dim() - s < 2 for a, s in tensors):
-        return NotImplemented
-    aligned = _aligned(args, st)
-    top = max(a.dim() for a in aligned if isinstance(a, Tensor))
-    if any(not s and a.dim() >= top for a, s in tensors):
-        return NotImplemented
-    return fn(*aligned, **kwargs)
-
-
-def _getattr(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], st: tuple[bool, ...]) -> Any:
-    """``x.shape``, ``x.ndim`` (per member), ``x.dtype``, ``x.device`` of a stacked tensor."""
-    x, name = args[0], args[1]
-    if not isinstance(x, Tensor) or kwargs or len(args) != 2:
-        return NotImplemented
-    if name == "shape":
-        return x.shape[1:]
-    if name == "ndim":
-        return x.dim() - 1
-    if name in ("dtype", "device", "is_cuda", "requires_grad", "layout"):
-        return getattr(x, name)
-    return NotImplemented
-
-
-FUNCTIONS: dict[Any, FunctionRule] = {
-    getattr: _getattr,
-    **{fn: _elementwise_call for fn in _ELEMENTWISE_FUNCTIONS},
-    F.softmax: _reduce, F.log_softmax: _reduce, torch.softmax: _reduce, torch.sum: _reduce,
-    torch.mean: _reduce, torch.matmul: _matmul, operator.matmul: _matmul,
-    F.scaled_dot_product_attention: _matmul,
-    torch.flatten: lambda fn, a, k, s: _method("flatten", a, k, s),
-}  # fmt: skip
-METHODS: dict[str, FunctionRule] = {
-    **{name: lambda fn, a, k, s: _elementwise_call(fn, a, k, s) for name in _ELEMENTWISE_METHODS},
-    **{
-        name: lambda fn, a, k, s: _method(fn, a, k, s)
-        for name in ("size", "dim", "view", "reshape", "flatten", "transpose", "permute")
-    },
-    "softmax": lambda fn, a, k, s: _reduce(lambda x, d, **kw: x.softmax(d, **kw), a, k, s),
-    "sum": lambda fn, a, k, s: _reduce(lambda x, d, **kw: x.sum(d, **kw), a, k, s),
-    "mean": lambda fn, a, k, s: _reduce(lambda x, d, **kw: x.mean(d, **kw), a, k, s),
-}
