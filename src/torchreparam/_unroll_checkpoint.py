@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ._unroll_inputs import Inputs
+from ._unroll_inputs import Inputs, add_grad
 from ._unroll_step import MutationProbe, Rng, Step
 
 __all__ = ["Plan", "checkpointed"]
@@ -41,7 +41,6 @@ class Plan:
         self.step, self.inputs, self.buffers, self.segment = step, inputs, buffers, segment
         self.stored: dict[int, Carry] = {}
         self.rng: list[tuple[Tensor, ...] | None] = []
-        self.state_spec: Any = None
         self.end: Carry | None = None
 
     def forward(self, tensors: tuple[Tensor, ...]) -> Carry:
@@ -74,7 +73,7 @@ class Plan:
         for start, end in zip(starts, ends, strict=True):
             adjoint = self._segment(start, end, needs, adjoint, grads)
         for i, a in zip([0, *inputs.state_indices], adjoint, strict=True):
-            grads[i] = _add(grads[i], a)
+            grads[i] = add_grad(grads[i], a)
         return [g if need else None for g, need in zip(grads, needs, strict=True)]
 
     def _segment(
@@ -107,7 +106,7 @@ class Plan:
             outs, [*starts, *(leaves[i] for i in wanted)], outs_adjoint, allow_unused=True
         )
         for i, g in zip(wanted, found[len(starts) :], strict=True):
-            grads[i] = _add(grads[i], g)
+            grads[i] = add_grad(grads[i], g)
         return list(found[: len(starts)])
 
     def _check_reproduced(self, theta: Tensor, before: Tensor, end: int) -> None:
@@ -174,12 +173,6 @@ def _pairs(outs: list[Tensor], adjoint: list[Tensor | None]) -> tuple[list[Tenso
     """The outputs that carry a graph and have an adjoint, with their adjoints."""
     kept = [(o, a) for o, a in zip(outs, adjoint, strict=True) if a is not None and o.requires_grad]
     return [o for o, _ in kept], [a for _, a in kept]
-
-
-def _add(total: Tensor | None, g: Tensor | None) -> Tensor | None:
-    if g is None:
-        return total
-    return g if total is None else total + g
 
 
 class _Checkpointed(torch.autograd.Function):

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._unroll_inputs import Inputs
+from ._unroll_inputs import Inputs, add_grad
 from ._unroll_step import MutationProbe, Step, grad_of
 
 __all__ = ["implicit"]
@@ -101,14 +101,8 @@ class Plan:
         if needs[0]:
             grads[0] = self.prox * w
         for i, gx in zip(wanted, found, strict=True):
-            grads[i] = _add(grads[i], None if gx is None else -gx)
+            grads[i] = add_grad(grads[i], None if gx is None else -gx)
         return grads
-
-
-def _add(total: Tensor | None, g: Tensor | None) -> Tensor | None:
-    if g is None:
-        return total
-    return g if total is None else total + g
 
 
 def _distinct(batches: list[Any]) -> list[tuple[Any, int]]:

@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-__all__ = ["Inputs"]
+__all__ = ["Inputs", "add_grad"]
 
 
 class Ref:
@@ -72,3 +72,10 @@ def _refs(tree: Any) -> list[Ref]:
     found: list[Ref] = []
     tree_map(lambda x: found.append(x) if isinstance(x, Ref) else None, tree)
     return found
+
+
+def add_grad(total: Tensor | None, g: Tensor | None) -> Tensor | None:
+    """``total + g`` where ``None`` is no gradient yet."""
+    if g is None:
+        return total
+    return g if total is None else total + g
