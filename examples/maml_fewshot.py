@@ -14,15 +14,28 @@ of every task is one batched call and one tensor operation, differentiable end t
 learning rates are learned, one per weight and bias tensor (MAML++'s per-layer rates), spread over
 the vector by ``layout.expand``.
 
-    python examples/maml_fewshot.py            # full run (2-4 minutes on 2 CPU cores)
-    python examples/maml_fewshot.py --quick    # about 20-30 s
+Then many inner steps (1-shot, 20 steps, a fixed inner learning rate): second-order MAML through
+``torchreparam.unroll(..., memory="checkpoint")``, the exact meta-gradient with one stored vector
+per segment of 5 steps and one segment's graph instead of every step's graph, against
+first-order MAML (``memory="truncated", window=0``: the meta-gradient at the adapted vector
+passed straight to the initialization), whose memory does not grow with the steps. Peak memory
+of one meta-step against the number of inner steps is measured for full, checkpoint and
+first-order, each point in a fresh process.
+
+    python examples/maml_fewshot.py            # full run (about 10 minutes on 2 CPU cores)
+    python examples/maml_fewshot.py --quick    # about a minute
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any, Literal
 
 import matplotlib
 
@@ -34,10 +47,28 @@ from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from tqdm import tqdm
 
+import torchreparam
 from torchreparam import ReparamModule
 
 TRAIN_DIGITS, TEST_DIGITS = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 WAYS, QUERY = 5, 15
+META_BATCH, SEGMENT = 16, 5
+Memory = Literal["full", "checkpoint", "truncated"]
+MODE_NAMES: dict[Memory, str] = {
+    "full": "second-order, memory='full'",
+    "checkpoint": f"second-order, memory='checkpoint', segment={SEGMENT}",
+    "truncated": "first-order, memory='truncated', window=0",
+}
+
+
+def make_wrapper() -> ReparamModule:
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU())
+    r = ReparamModule(nn.Sequential(*net, nn.Linear(128, WAYS)))
+    # One batched call per step, batched matrix products written out (and no timing-dependent
+    # choice). Unlike "vmap", it computes the same bits whether or not an input requires grad,
+    # which memory="checkpoint" checks when it recomputes a step.
+    r.population_strategy = "batched"
+    return r
 
 
 def digit_classes() -> tuple[list[Tensor], list[Tensor]]:
@@ -106,6 +137,108 @@ def adapt(
     return trajectory
 
 
+def adapt_unrolled(
+    r: ReparamModule,
+    theta0: Tensor,
+    lr: float,
+    x: Tensor,
+    y: Tensor,
+    steps: int,
+    memory: Memory,
+) -> Tensor:
+    """``steps`` SGD steps on every task from ``theta0`` by ``torchreparam.unroll``: the adapted
+    population ``(tasks, num_params)``, differentiable w.r.t. ``theta0`` (second order for
+    ``"full"`` and ``"checkpoint"``, first order for ``"truncated"`` with ``window=0``)."""
+    kw: dict[str, Any] = {
+        "full": {},
+        "checkpoint": {"segment": SEGMENT},
+        "truncated": {"window": 0},
+    }
+    return torchreparam.unroll(
+        lambda thetas, batch: task_losses(r, thetas, *batch).sum(),  # each task's own gradient
+        theta0.expand(len(x), -1),
+        [(x, y)] * steps,
+        optimizer="sgd",
+        memory=memory,
+        lr=lr,
+        **kw[memory],
+    )
+
+
+def meta_train_long(
+    r: ReparamModule,
+    init: Tensor,
+    classes: list[Tensor],
+    steps: int,
+    memory: Memory,
+    meta_steps: int,
+    lr: float,
+    gen: torch.Generator,
+) -> tuple[Tensor, float]:
+    """1-shot MAML with ``steps`` inner steps at a fixed learning rate: the learned init, and
+    the seconds per meta-step."""
+    theta0 = init.clone().requires_grad_()
+    opt = torch.optim.Adam([theta0], 1e-3)
+    bar = tqdm(range(meta_steps), desc=f"meta-train, {steps} steps ({memory})", disable=None)
+    start = time.perf_counter()
+    for _ in bar:
+        xs, ys, xq, yq = sample_tasks(classes, META_BATCH, 1, gen)
+        adapted = adapt_unrolled(r, theta0, lr, xs, ys, steps, memory)
+        loss = task_losses(r, adapted, xq, yq).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.set_postfix(query_loss=f"{loss.item():.3f}")
+    return theta0.detach(), (time.perf_counter() - start) / max(meta_steps, 1)
+
+
+# ---- peak memory of one meta-step, each measurement in a fresh process ---------------------
+
+
+def _proc_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_child(memory: Memory, steps: int) -> None:
+    """One 1-shot meta-step (forward and backward) in this fresh process: its peak RSS growth.
+
+    A 1-step meta-step first (libraries and kernels loaded), then the peak RSS is reset
+    (``/proc/self/clear_refs``); the peak's growth over the resident size before the step is
+    the step's peak memory.
+    """
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    r = make_wrapper()
+    theta0 = r.flat_param.detach().clone().requires_grad_()
+    xs, ys, xq, yq = sample_tasks(digit_classes()[0], META_BATCH, 1, gen)
+
+    def meta_step(k: int) -> None:
+        adapted = adapt_unrolled(r, theta0, 0.1, xs, ys, k, memory)
+        task_losses(r, adapted, xq, yq).mean().backward()
+
+    meta_step(1)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident set size (VmHWM, ru_maxrss) to the current one
+    before = _proc_kib("VmRSS")
+    meta_step(steps)
+    print(json.dumps({"peak_mib": (_proc_kib("VmHWM") - before) / 1024}))
+
+
+def measure(memory: Memory, steps: int) -> float:
+    """Peak memory (MiB) of one meta-step with ``steps`` inner steps, in a fresh process."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    command = [sys.executable, __file__, "--measure", memory, str(steps)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory measurement {memory} K={steps} failed:\n{done.stderr[-2000:]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"])
+
+
 @torch.no_grad()
 def accuracy(r: ReparamModule, thetas: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return (r(x, flat_param=thetas, in_dims=(0,)).argmax(-1) == y).float().mean(1)
@@ -135,19 +268,26 @@ def main() -> None:
     )
     parser.add_argument("--meta-steps", type=int, help="meta-training steps per shot setting")
     parser.add_argument("--test-tasks", type=int, help="meta-test tasks per shot setting")
+    parser.add_argument(
+        "--long-meta-steps", type=int, help="meta-training steps with 20 inner steps, per order"
+    )
+    parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)  # memory steps
     args = parser.parse_args()
+    if args.measure:
+        modes: tuple[Memory, ...] = ("full", "checkpoint", "truncated")
+        measure_child(modes[modes.index(args.measure[0])], int(args.measure[1]))
+        return
     meta_steps = args.meta_steps or (150 if args.quick else 1500)
     test_tasks = args.test_tasks or (200 if args.quick else 600)
-    inner_steps, meta_batch = 5, 16
+    long_meta_steps = args.long_meta_steps or (10 if args.quick else 400)
+    inner_steps, meta_batch, long_steps, long_lr = 5, META_BATCH, 20, 0.1
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)  # more only add overhead, a lot on a busy machine
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     train_classes, test_classes = digit_classes()
 
-    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU())
-    r = ReparamModule(nn.Sequential(*net, nn.Linear(128, WAYS)))
-    r.population_strategy = "vmap"  # one batched call per step (and no timing-dependent choice)
+    r = make_wrapper()
     random_init = r.flat_param.detach().clone()
     print(f"MLP 64-128-128-{WAYS}: {r.param_numel:,} parameters in one flat vector")
 
@@ -162,7 +302,8 @@ def main() -> None:
 
         theta0 = random_init.clone().requires_grad_()
         log_lrs = torch.full((len(r.layout),), 0.3).log().requires_grad_()  # one per tensor
-        opt = torch.optim.Adam([{"params": [theta0]}, {"params": [log_lrs], "lr": 3e-3}], 1e-3)
+        groups: list[dict[str, Any]] = [{"params": [theta0]}, {"params": [log_lrs], "lr": 3e-3}]
+        opt = torch.optim.Adam(groups, 1e-3)
         bar = tqdm(range(meta_steps), desc=f"meta-train {shots}-shot", disable=None)
         for _ in bar:
             xs, ys, xq, yq = sample_tasks(train_classes, meta_batch, shots, gen)
@@ -216,6 +357,52 @@ def main() -> None:
             steps = ", ".join(f"{100 * a:.1f}" for a in acc.mean(1).tolist())
             print(f"5-way {shots}-shot mean accuracy after 0, 1, ... steps, {name}: {steps}")
     print(f"figure: {os.path.relpath(figure)}")
+
+    # Many inner steps: exact second order in bounded memory (checkpoint) against first order.
+    test = sample_tasks(test_classes, test_tasks, 1, gen)
+    lr_t = torch.tensor(long_lr)
+    long_acc = {"random init": evaluate(r, random_init, lr_t, test, long_steps)[-1]}
+    orders: tuple[Memory, ...] = ("checkpoint", "truncated")
+    seconds = {}
+    for memory in orders:
+        init, seconds[memory] = meta_train_long(
+            r, random_init, train_classes, long_steps, memory, long_meta_steps, long_lr, gen
+        )
+        long_acc[MODE_NAMES[memory]] = evaluate(r, init, lr_t, test, long_steps)[-1]
+    print(
+        f"{long_meta_steps} meta-steps x {meta_batch} tasks, 1-shot, {long_steps} inner steps "
+        f"at a fixed learning rate {long_lr:g}; seconds per meta-step: "
+        + ", ".join(f"{MODE_NAMES[m]} {t:.2f}" for m, t in seconds.items())
+    )
+    for name, acc in long_acc.items():
+        print(
+            f"5-way 1-shot accuracy after {long_steps} steps, mean over {test_tasks} test tasks "
+            f"(95% CI), {name}: {mean_ci(acc)}"
+        )
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        print("memory figure skipped: it reads peak memory from Linux's /proc")
+        return
+    ks = (5, 20) if args.quick else (5, 10, 20, 40)
+    peaks = {m: [measure(m, k) for k in ks] for m in MODE_NAMES}
+    for m, values in peaks.items():
+        listed = ", ".join(f"K={k} {v:.1f}" for k, v in zip(ks, values, strict=True))
+        print(f"peak memory of one meta-step (MiB over the process before it), {m}: {listed}")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for m, values in peaks.items():
+        ax.plot(ks, values, marker="o", label=MODE_NAMES[m])
+    ax.set(xlabel="inner SGD steps K", ylabel="peak memory of one meta-step (MiB)")
+    ax.set_title(
+        f"{meta_batch} tasks x MLP 64-128-128-5, 1-shot, forward + backward; each point a fresh\n"
+        "process: peak RSS (VmHWM, reset after a warm-up step) minus RSS before the step",
+        fontsize=8,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    memory_figure = args.out / "maml_fewshot_memory.png"
+    fig.savefig(memory_figure, dpi=100)
+    print(f"figure: {os.path.relpath(memory_figure)}")
 
 
 if __name__ == "__main__":
