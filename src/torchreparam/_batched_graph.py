@@ -20,6 +20,7 @@ that reaches the forward as a plain tensor instead of a parameter.
 from __future__ import annotations
 
 import operator
+import threading
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from ._layout import FlatLayout
 
 __all__ = ["GraphPlan", "graph_plan"]
 
+_TRACING = threading.Lock()
 _INPLACE_METHODS_SUFFIX = "_"
 _BATCH_NORM = nn.modules.batchnorm._BatchNorm.forward  # (in train mode: statistics per member)
 _INPLACE_OPERATORS = frozenset(
@@ -160,7 +162,8 @@ def graph_plan(root: nn.Module, core: Core, memo: dict[str, Any]) -> GraphPlan |
     if reason is not None and reason[0] == _tree_state(root):
         return reason[1]
     try:
-        made = _make(root, core)
+        with _TRACING:  # (fx patches nn.Module's call path while it traces: one at a time)
+            made = _make(root, core)
     except _Refused as refused:
         memo["graph_refused"] = (_tree_state(root), str(refused))
         return str(refused)
