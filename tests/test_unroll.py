@@ -469,3 +469,22 @@ def test_threads_each_get_their_own_unroll() -> None:
         t.join()
     for g, w in zip(got, want, strict=True):
         _close(g, w, 0, 0)
+
+
+def test_float32_relu_population_under_vmap_recomputes_exactly() -> None:
+    """vmap's batching of a linear layer differs in the last bits with the input requiring
+    grad or not, enough to flip a ReLU: the forward sweep must see what the recomputation sees
+    (a false 'not a function of its inputs' refusal before)."""
+    r = ReparamModule(nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)))
+    r.population_strategy = "vmap"
+    torch.manual_seed(1)
+    theta0 = r.fresh_flat_param(8)
+    x = torch.randn(10, 64, requires_grad=True)
+    y = torch.arange(10).repeat(8)
+
+    def loss(theta: Tensor, xb: Tensor) -> Tensor:
+        return F.cross_entropy(r(xb, flat_param=theta).flatten(0, 1), y, reduction="sum") / 10
+
+    for _ in range(2):
+        unroll(loss, theta0, [x] * 100, memory="checkpoint", lr=0.12).sum().backward()
+    assert x.grad is not None

@@ -43,12 +43,17 @@ class Plan:
         self.rng: list[tuple[Tensor, ...] | None] = []
         self.end: Carry | None = None
 
-    def forward(self, tensors: tuple[Tensor, ...]) -> Carry:
+    def forward(self, tensors: tuple[Tensor, ...], needs: tuple[bool, ...]) -> Carry:
         inputs, step = self.inputs, self.step
-        detached = [t.detach() for t in tensors]
+        # Leaves that require grad where the recomputation will want their gradient: kernels
+        # may differ with requires_grad (vmap's batching of a linear layer does, in the last
+        # bits, enough to flip a ReLU), and the recomputation must reproduce this sweep.
+        detached = [t.detach().requires_grad_(n) for t, n in zip(tensors, needs, strict=True)]
+        leaves = [t for t in detached if t.requires_grad]
         hyper = inputs.build(inputs.hyper, detached)
-        carry: Carry = (detached[0], inputs.build(inputs.state, detached), self.buffers)
-        rng = Rng(detached[0])
+        start = tensors[0].detach()
+        carry: Carry = (start, inputs.build(inputs.state, detached), self.buffers)
+        rng = Rng(start)
         bank = _Bank(-(-len(inputs.batches) // self.segment))
         for t, batch in enumerate(inputs.batches):
             if t % self.segment == 0:
@@ -57,7 +62,7 @@ class Plan:
             probe = MutationProbe(MODE) if t == 0 else None
             with probe if probe is not None else torch.enable_grad():
                 carry = step(*carry[:2], inputs.build(batch, detached), carry[2], hyper,
-                             graph=False, check=True)  # fmt: skip
+                             graph=False, check=leaves)  # fmt: skip
             self.rng.append(rng.if_drawn(before))
         # kept detached: the outputs themselves on the plan (held by ctx) would make a cycle
         self.end = (carry[0].detach(), tree_map(_detach, carry[1]), carry[2])
@@ -178,7 +183,7 @@ def _pairs(outs: list[Tensor], adjoint: list[Tensor | None]) -> tuple[list[Tenso
 class _Checkpointed(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, plan: Plan, *tensors: Tensor) -> tuple[Tensor, ...]:
-        theta, state, _ = plan.forward(tensors)
+        theta, state, _ = plan.forward(tensors, ctx.needs_input_grad[1:])
         ctx.plan = plan
         ctx.set_materialize_grads(False)
         return (theta, *_tensors(state))

@@ -67,7 +67,7 @@ class Plan:
             probe = MutationProbe(MODE) if t == 0 else None
             with probe if probe is not None else torch.enable_grad():
                 theta, state, buffers = step(theta, state, inputs.build(batch, detached), buffers,
-                                             hyper, graph=False, check=True)  # fmt: skip
+                                             hyper, graph=False, check=())  # fmt: skip
         self.end = (theta.detach(), state, buffers)  # detached: no cycle through ctx
         return theta
 

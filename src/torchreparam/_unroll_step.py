@@ -12,7 +12,7 @@ changed in place (BatchNorm's running statistics), and :class:`Rng` replays rand
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -70,9 +70,10 @@ class Step:
         hyper: dict[str, Any],
         *,
         graph: bool,
-        check: bool = False,
+        check: Sequence[Tensor] | None = None,
     ) -> tuple[Tensor, Any, Any]:
-        """One step; ``check``: refuse a loss that reads tensors requiring grad from elsewhere."""
+        """One step; ``check``: refuse a loss that reads tensors requiring grad other than
+        ``theta`` and these (the inputs made leaves)."""
         if graph:
             leaf = theta if theta.requires_grad else theta.detach().requires_grad_()
             loss, buffers = self.loss(leaf, batch, buffers)
@@ -82,8 +83,8 @@ class Step:
         with torch.enable_grad():
             leaf = theta.detach().requires_grad_()
             loss, buffers = self.loss(leaf, batch, buffers)
-            if check:
-                refuse_foreign(loss, leaf)
+            if check is not None:
+                refuse_foreign(loss, [leaf, *check])
             g = grad_of(loss, leaf)
         with torch.no_grad():
             theta, state = self.update(theta, g, state, **hyper)
@@ -104,8 +105,9 @@ def grad_of(loss: Tensor, theta: Tensor, create_graph: bool = False) -> Tensor:
     return g
 
 
-def foreign_leaf(loss: Tensor, allowed: Tensor) -> Tensor | None:
+def foreign_leaf(loss: Tensor, allowed: Sequence[Tensor]) -> Tensor | None:
     """A tensor that requires grad, reached by ``loss``'s graph, other than ``allowed``."""
+    known = {id(t) for t in allowed}
     seen: set[Any] = set()
     stack = [loss.grad_fn]
     while stack:
@@ -114,15 +116,15 @@ def foreign_leaf(loss: Tensor, allowed: Tensor) -> Tensor | None:
             continue
         seen.add(fn)
         variable = getattr(fn, "variable", None)  # AccumulateGrad: a leaf that requires grad
-        if variable is not None and variable is not allowed:
+        if variable is not None and id(variable) not in known:
             return variable
         stack.extend(next_fn for next_fn, _ in fn.next_functions)
     return None
 
 
-def refuse_foreign(loss: Tensor, leaf: Tensor) -> None:
+def refuse_foreign(loss: Tensor, allowed: Sequence[Tensor]) -> None:
     """Raise if the loss reads a tensor that requires grad other than through its inputs."""
-    found = foreign_leaf(loss, leaf)
+    found = foreign_leaf(loss, allowed)
     if found is not None:
         raise ValueError(
             "inner_loss reads a tensor that requires grad but is not among its inputs "
