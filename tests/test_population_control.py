@@ -127,7 +127,7 @@ def test_randomness_different_draws_a_mask_per_member(strategy: str, chunk: int 
     r = _dropout()
     r.population_strategy = strategy  # type: ignore[assignment]
     r.population_chunk_size = chunk
-    assert "population_randomness" not in vars(r)  # (the default: "different")
+    assert r.population_randomness == "different"  # the default
     same = r.flat_param.detach().expand(4, -1).clone()
     out = r(torch.ones(2, 4), flat_param=same)
     assert all(not torch.equal(out[0], out[i]) for i in range(1, 4))

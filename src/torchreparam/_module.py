@@ -93,6 +93,12 @@ class ReparamModule(nn.Module):
     the first call of each signature, keep the faster), ``"vmap"``, ``"batched"`` (batched
     matrix products written out, for a ``Sequential`` of ``Linear`` layers and activations) or
     ``"loop"``."""
+    population_chunk_size: int | None
+    """Population calls run this many members at a time and join the outputs in order (bounds
+    the peak memory of a large population); ``None`` (default): all at once."""
+    population_randomness: str
+    """Random draws in a population call: ``"different"`` (default: every member its own, as
+    separate calls) or ``"same"`` (every member the first member's numbers)."""
 
     def __init__(self, module: nn.Module, *, include: Include = None) -> None:
         super().__init__()
@@ -111,6 +117,8 @@ class ReparamModule(nn.Module):
         self._core = Core(layout, self, sites)
         self._traced: Traced | None = None
         self.population_strategy = "auto"
+        self.population_chunk_size = None
+        self.population_randomness = "different"
         self._plans: dict[Any, str] = {}  # "auto"'s choice per population call signature
         install(self._core, module)
         self.register_state_dict_post_hook(drop_managed_keys)
