@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, vmap
 
-from torchreparam import ReparamModule
+from torchreparam import ReparamModule, explain_population
 
 from .context import Context
 from .models import Model, conv4, mlp
@@ -91,9 +91,9 @@ def _table(ctx: Context, model: Model, size: int, speedup: float | None) -> Tabl
         rows=timing_rows(timings, failed),
         notes=[
             "paired ratio below 1: faster than the loop (speed-up = 1 / ratio)",
-            f"population_strategy='auto' (the default) chose: {_plan(p, thetas)}; it times the "
-            "batched call ('batched' where the module allows it, else 'vmap') against the loop "
-            "once, on the first call of each signature, and keeps the faster",
+            f"population_strategy='auto' (the default): {_plan(p, thetas)}; it times the "
+            "batched plan, vmap and the loop once, on the first call of each signature, and "
+            "keeps the fastest",
         ],
     )
 
@@ -113,21 +113,11 @@ def _never_slower(ours: Timing, loop: Timing) -> str:
 
 
 def _plan(p: Peers, thetas: Tensor) -> str:
-    """What ``auto`` chose, seen from outside: how often the module's forward runs in one call
-    (once per member: the loop; once: vmap; never: the written-out batched matrix products)."""
-    calls = 0
-
-    def count(*_: object) -> None:
-        nonlocal calls
-        calls += 1
-
-    handle = p.ours.module.register_forward_pre_hook(count)
-    try:
-        with torch.no_grad():
-            p.ours(*p.model.inputs, flat_param=thetas)
-    finally:
-        handle.remove()
-    return {0: "batched", 1: "vmap"}.get(calls, "loop" if calls == len(thetas) else "unknown")
+    """What ``auto`` chose for this call, in its own words (``explain_population``: nothing
+    runs; a counting hook would itself turn the batched plan off)."""
+    text = explain_population(p.ours, *p.model.inputs, flat_param=thetas)
+    line = next((x for x in text.splitlines() if x.startswith("auto:")), "auto: unknown")
+    return line.removeprefix("auto: ")
 
 
 def population_case(ctx: Context) -> list[Table]:
