@@ -32,6 +32,7 @@ TARGETS = [
     "MAML meta-step, MLP 16-32-32-4",
     "Population of 8 flat vectors, MLP 16-32-32-4",
     "Population of 8 flat vectors, 4-block conv net",
+    "Population of 8 digits-sized CNNs",
     "ResNet-18 forward+backward to the flat vector, tuned allocator",
     "Wrapping ResNet-18",
     "Adam step,",
