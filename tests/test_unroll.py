@@ -364,6 +364,8 @@ def test_missing_learning_rate_and_bad_vectors_and_batches() -> None:
     with pytest.raises(TypeError, match="batches must be a sequence with one batch per inner step"):
         unroll(task.loss, task.theta0, task.x, lr=0.1)
     assert unroll(task.loss, task.theta0, [], lr=0.1) is task.theta0
+    with pytest.raises(TypeError, match="inner_loss must be a function"):
+        unroll(None, task.theta0, task.batches(2), lr=0.1)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("memory", ["full", "checkpoint", "truncated", "implicit"])

@@ -118,6 +118,11 @@ def unroll(
         >>> theta.grad_fn is not None
         True
     """
+    if not callable(inner_loss):
+        raise TypeError(
+            f"inner_loss must be a function inner_loss(theta, batch) -> scalar, but got "
+            f"{type(inner_loss).__name__}"
+        )
     update, hyper = _optimizer(optimizer, hyperparameters)
     steps = _batches(batches)
     _check(theta, memory, segment, window, prox, cg_steps, len(steps))
