@@ -30,12 +30,12 @@ WARNINGS = [
 
 CASES = {
     "maml_fewshot.py": (
-        ["--meta-steps", "20", "--test-tasks", "50"],
+        ["--meta-steps", "20", "--test-tasks", "50", "--long-meta-steps", "2"],
         ["maml_fewshot.png"],
         ["5-way 1-shot accuracy after 5 steps", "5-way 5-shot accuracy after 5 steps", "MAML init"],
     ),
     "dataset_distillation.py": (
-        ["--outer-steps", "20"],
+        ["--outer-steps", "20", "--long-outer-steps", "1"],
         ["dataset_distillation.png"],
         ["learned inner learning rate", "10 distilled images", "10 random real images"],
     ),
