@@ -107,6 +107,8 @@ class Plan:
         self._check_reproduced(carry[0], theta, end)
         outs, outs_adjoint = _pairs([carry[0], *_tensors(carry[1])], adjoint)
         starts = [theta0, *_tensors(state_leaves)]
+        if not outs:  # no adjoint reached this segment's end: nothing flows further back
+            return [None] * len(starts)
         found = torch.autograd.grad(
             outs, [*starts, *(leaves[i] for i in wanted)], outs_adjoint, allow_unused=True
         )
