@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import reference
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from torchreparam import AdamState, ReparamModule, SGDState, adam, sgd, unroll
 
@@ -43,9 +43,6 @@ class Task:
         plain = _convnet().to(dtype)
         self.twin = copy.deepcopy(plain)
         self.r = ReparamModule(plain)
-        self.names = [n for n, _ in self.twin.named_parameters()]
-        self.sizes = [p.numel() for p in self.twin.parameters()]
-        self.shapes = [p.shape for p in self.twin.parameters()]
         theta = self.r.flat_param.detach().clone()
         if population is not None:
             theta = theta + 0.1 * torch.randn(population, theta.numel(), dtype=dtype)
@@ -60,9 +57,7 @@ class Task:
 
     def reference_loss(self, theta: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
-        chunks = theta.split(self.sizes)
-        params = {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
-        return F.cross_entropy(functional_call(self.twin, params, (x,)), y)
+        return F.cross_entropy(reference(self.twin, self.r.layout, theta, (x,)), y)
 
     def batches(self, k: int) -> list[tuple[Tensor, Tensor]]:
         return [(self.x, self.y)] * k
@@ -228,9 +223,8 @@ def test_threaded_buffers_equal_the_plain_loop_and_batchnorm_updates_once() -> N
         twin = copy.deepcopy(plain)  # the plain loop on a plain module: 5 updates
         theta = theta0
         for _ in range(5):
-            params = r.layout.unflatten(theta)
             (g,) = torch.autograd.grad(
-                F.mse_loss(functional_call(twin, params, (x,)), y), theta, create_graph=True
+                F.mse_loss(reference(twin, r.layout, theta, (x,)), y), theta, create_graph=True
             )
             theta = theta - 0.1 * g
         for name, value in twin.named_buffers():
