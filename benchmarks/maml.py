@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +12,7 @@ from torchreparam import unroll
 
 from .context import Context
 from .models import Model, conv4, loss_of, mlp
-from .peers import HIGHER, ORIGINAL, OURS, Contenders, Peers
+from .peers import HIGHER, ORIGINAL, OURS, Contenders, NotInstalled, Peers, optional
 from .report import TIMING_HEADERS, Table, at_most, timing_rows
 from .timing import Timing
 
@@ -23,6 +23,8 @@ FOREACH = "torch.func: functional_call, per-tensor dict, torch._foreach_add"
 FUNC_DICT = "torch.func: functional_call, dict comprehension updates"
 FUNC_GRAD = "torch.func: grad transform of functional_call"
 UNROLL = "torchreparam.unroll, memory='full'"
+TORCHOPT_META = "torchopt.MetaSGD on the module, recover_state_dict per meta-step"
+TORCHOPT_FUNC = "torchopt.sgd (functional), functional_call, apply_updates"
 
 
 def _flat_step(call: Callable[[Tensor, Tensor], object], model: Model, theta0: Tensor) -> Tensor:
@@ -86,6 +88,61 @@ def _grad_transform_step(
     return torch.autograd.grad(inner_loss(ps), list(params0.values()))
 
 
+def _torchopt_meta_step(p: Peers) -> Callable[[], tuple[Tensor, ...]]:
+    """torchopt's MAML recipe: ``MetaSGD`` steps the module's own parameters differentiably;
+    the state extracted before the first step is recovered before each meta-step."""
+    torchopt = optional("torchopt")
+    net = p.copy()
+    leaves = list(net.parameters())
+    with torch.no_grad():  # start from theta, as every contender
+        for leaf, value in zip(leaves, p.views(p.theta), strict=True):
+            leaf.copy_(value)
+    inner = torchopt.MetaSGD(net, lr=LR)
+    net_state = torchopt.extract_state_dict(net, by="reference")
+    inner_state = torchopt.extract_state_dict(inner, by="reference")
+    (x,), y = p.model.inputs, p.model.target
+
+    def step() -> tuple[Tensor, ...]:
+        torchopt.recover_state_dict(net, net_state)
+        torchopt.recover_state_dict(inner, inner_state)
+        for _ in range(STEPS):
+            inner.step(loss_of(net(x), y))
+        return torch.autograd.grad(loss_of(net(x), y), leaves)
+
+    return step
+
+
+def _torchopt_func_step(
+    net: nn.Module, model: Model, params0: dict[str, Tensor]
+) -> tuple[Tensor, ...]:
+    """torchopt's functional API: an ``sgd`` transformation over a tuple of tensors."""
+    torchopt = optional("torchopt")
+    (x,), y = model.inputs, model.target
+    names, ps = list(params0), tuple(params0.values())
+    optimizer = torchopt.sgd(LR)
+    state = optimizer.init(ps)
+    for _ in range(STEPS):
+        loss = loss_of(functional_call(net, dict(zip(names, ps, strict=True)), (x,)), y)
+        gs = torch.autograd.grad(loss, ps, create_graph=True)
+        updates, state = optimizer.update(gs, state, inplace=False)
+        ps = torchopt.apply_updates(ps, updates, inplace=False)
+    loss = loss_of(functional_call(net, dict(zip(names, ps, strict=True)), (x,)), y)
+    return torch.autograd.grad(loss, list(params0.values()))
+
+
+def _or_missing(make: Callable[[], Callable[[], object]]) -> Callable[[], object]:
+    """The contender ``make`` builds, or (an optional peer not installed) one that says so."""
+    try:
+        return make()
+    except NotInstalled as e:
+        missing = e
+
+        def call() -> object:
+            raise missing
+
+        return call
+
+
 def maml_contenders(p: Peers) -> Contenders:
     """The fastest torch.func recipe (the baseline), ours, the original and the other peers."""
     theta0 = p.theta.detach().requires_grad_()
@@ -100,13 +157,43 @@ def maml_contenders(p: Peers) -> Contenders:
         FUNC_DICT: lambda: _dict_step(net, model, params0),
         FUNC_GRAD: lambda: _grad_transform_step(net, model, params0),
         HIGHER: lambda: _flat_step(lambda x, t: fmodel(x, params=p.views(t)), model, theta0),
+        TORCHOPT_META: _or_missing(lambda: _torchopt_meta_step(p)),
+        TORCHOPT_FUNC: lambda: _torchopt_func_step(net, model, params0),
     }
+
+
+def check_agreement(contenders: Mapping[str, Callable[[], object]]) -> dict[str, str]:
+    """Call every contender once and compare its meta-gradient (as one flat vector) with ours:
+    ``{name: why}`` for those that disagree, to be reported instead of timed (those that raise
+    are left to the timing's own probe)."""
+    reference = _flat(contenders[OURS]())
+    wrong = {}
+    for name, fn in contenders.items():
+        try:
+            got = _flat(fn())
+        except Exception:  # (the probe reports it)
+            continue
+        if not torch.allclose(got, reference, rtol=1e-4, atol=1e-6):
+            diff = (got - reference).abs().max().item()
+            wrong[name] = f"fails: its meta-gradient differs from ours (max |diff| {diff:.2e})"
+    return wrong
+
+
+def _flat(grads: object) -> Tensor:
+    if isinstance(grads, Tensor):
+        return grads.reshape(-1)
+    assert isinstance(grads, tuple)
+    return torch.cat([g.reshape(-1) for g in grads])
 
 
 def _table(ctx: Context, model: Model, target: bool) -> Table:
     p = Peers(ctx.on_device(model))
     budget = ctx.scaled(0.6, 2.0) if target else ctx.scaled(0.3, 4.0, warmup=1)
-    timings, failed = ctx.measure(maml_contenders(p), FOREACH, budget)
+    contenders = maml_contenders(p)
+    wrong = check_agreement(contenders)
+    right = {k: v for k, v in contenders.items() if k not in wrong}
+    timings, failed = ctx.measure(right, FOREACH, budget)
+    failed = {**failed, **wrong}
     return Table(
         key="maml",
         title=f"MAML meta-step, {model.name}",
@@ -120,7 +207,10 @@ def _table(ctx: Context, model: Model, target: bool) -> Table:
         notes=[
             f"{STEPS} inner SGD steps (lr {LR}) with create_graph=True on the same batch, then the "
             "outer gradient to theta_0; ours and the original update the flat vector with one "
-            "tensor op per step"
+            "tensor op per step",
+            "every row's meta-gradient is compared with ours before it is timed (rtol 1e-4); "
+            "torchopt's rows: its MAML recipe (MetaSGD stepping the module, its state recovered "
+            "before each meta-step) and its functional sgd over functional_call",
         ],
     )
 

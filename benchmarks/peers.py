@@ -7,6 +7,7 @@ equal): wrapping takes a model over, and ``vector_to_parameters`` writes into it
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ try:  # optional peer: its rows say "not installed" when it is absent
 except ImportError:
     higher = None
 
-__all__ = ["NotInstalled", "Peers", "backward_contenders", "forward_contenders"]
+__all__ = ["NotInstalled", "Peers", "backward_contenders", "forward_contenders", "optional"]
 
 Contenders = dict[str, Callable[[], object]]
 
@@ -37,10 +38,19 @@ FUNC_FLAT = "functional_call, dict from the flat vector"
 FUNC_PREBUILT = "functional_call, prebuilt dict"
 HIGHER = "higher.monkeypatch, params from the flat vector"
 V2P = "vector_to_parameters, then the module"
+TORCHOPT = "torchopt.nn.reparametrize, dict from the flat vector"
 
 
 class NotInstalled(Exception):
     """Raised by the stand-in of an optional peer that is not installed."""
+
+
+def optional(package: str) -> Any:
+    """The optional peer ``package``, imported; :class:`NotInstalled` when it is absent."""
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise NotInstalled(f"{package} is not installed") from None
 
 
 def _missing(package: str) -> Callable[..., Any]:
@@ -94,12 +104,29 @@ class Peers:
             return _missing("higher")
         return higher.monkeypatch(self.copy(), copy_initial_weights=True)
 
+    def torchopt_call(self) -> Callable[..., Any]:
+        """``call(flat, *inputs)``: a fresh copy of the model called under
+        ``torchopt.nn.reparametrize`` with the views of ``flat``; without torchopt, a
+        stand-in that raises :class:`NotInstalled`."""
+        try:
+            reparametrize = optional("torchopt").nn.reparametrize
+        except NotInstalled:
+            return _missing("torchopt")
+        net = self.copy()
+
+        def call(flat: Tensor, *inputs: Tensor) -> object:
+            with reparametrize(net, self.dict_from(flat)):
+                return net(*inputs)
+
+        return call
+
 
 def forward_contenders(p: Peers) -> Contenders:
     """Forward calls with ``p.theta`` (and the plain module with its own weights)."""
     x, theta = p.model.inputs, p.theta
     prebuilt = p.dict_from(theta)
     fmodel = p.higher_model()
+    torchopt_call = p.torchopt_call()
     params = list(p.v2p_net.parameters())
 
     def v2p() -> object:
@@ -115,6 +142,7 @@ def forward_contenders(p: Peers) -> Contenders:
         FUNC_PREBUILT: lambda: functional_call(p.func_net, prebuilt, x),
         V2P: v2p,
         HIGHER: lambda: fmodel(*x, params=p.views(theta)),
+        TORCHOPT: lambda: torchopt_call(theta, *x),
     }
 
 
@@ -124,6 +152,7 @@ def backward_contenders(p: Peers) -> Contenders:
     theta = p.theta.detach().requires_grad_()
     own = list(p.plain.parameters())
     fmodel = p.higher_model()
+    torchopt_call = p.torchopt_call()
     params = list(p.v2p_net.parameters())
 
     def grad(output: object, wrt: Any) -> tuple[Tensor, ...]:
@@ -140,4 +169,5 @@ def backward_contenders(p: Peers) -> Contenders:
         FUNC_FLAT: lambda: grad(functional_call(p.func_net, p.dict_from(theta), x), theta),
         V2P: v2p,
         HIGHER: lambda: grad(fmodel(*x, params=p.views(theta)), theta),
+        TORCHOPT: lambda: grad(torchopt_call(theta, *x), theta),
     }
