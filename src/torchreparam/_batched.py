@@ -16,13 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import (  # dicts that register_module_*_hook fill in place
-    _global_backward_hooks,
-    _global_backward_pre_hooks,
-    _global_forward_hooks,
-    _global_forward_pre_hooks,
-)
 
+from ._hooks import global_hooks as _global_hooks  # (the name _batched_graph imports from here)
 from ._layout import FlatLayout
 
 __all__ = ["Plan", "plan", "run"]
@@ -72,15 +67,6 @@ def plan(module: nn.Module, layout: FlatLayout, memo: dict[str, Any]) -> Plan | 
         return None  # (not such a tree, or no Linear in it)
     memo["batched"] = made = Plan(module, tuple(steps), tuple(seen))
     return made
-
-
-def _global_hooks() -> bool:
-    return bool(
-        _global_forward_hooks
-        or _global_forward_pre_hooks
-        or _global_backward_hooks
-        or _global_backward_pre_hooks
-    )
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -8,12 +8,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import (  # dicts that register_module_*_hook fill in place
-    _global_backward_hooks,
-    _global_backward_pre_hooks,
-    _global_forward_hooks,
-    _global_forward_pre_hooks,
-)
 from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -24,6 +18,7 @@ from ._checks import (
     same_device,
 )
 from ._classes import install
+from ._hooks import global_hooks
 from ._inject import CORE_KEY, Core, Writable, bind, buffer_site, call_bound, innermost
 from ._layout import FlatLayout, Include, aliases_of, select_parameters
 from ._population import Strategy, call_population, population_buffers
@@ -146,10 +141,7 @@ class ReparamModule(nn.Module):
                 or self._forward_hooks
                 or self._backward_pre_hooks
                 or self._backward_hooks
-                or _global_forward_pre_hooks
-                or _global_forward_hooks
-                or _global_backward_pre_hooks
-                or _global_backward_hooks
+                or global_hooks()
             )
             and not _tracing_state()
             and not _compiling()
