@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ._checks import StateDictMismatchError, describe_state_dict_problems
 from ._layout import FlatLayout
+from ._transaction import Place, Saved
 
 __all__ = [
     "as_given",
@@ -189,21 +190,19 @@ def end_flat_load(module: nn.Module, incompatible_keys: Any) -> None:
     core.follow_dtype()
 
 
-def snapshot(wrapper: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
-    """Every entry of the wrapper's state: ``{key: (the tensor object, a copy of its values)}``."""
-    with torch.no_grad():
-        return {k: (v, v.detach().clone()) for k, v in wrapper.state_dict(keep_vars=True).items()}
+def snapshot(wrapper: nn.Module) -> Saved:
+    """Every tensor of the wrapper's state: the objects, and copies of their values."""
+    places: list[Place] = []
+    for key in wrapper.state_dict(keep_vars=True):
+        owner, _, name = key.rpartition(".")
+        module = wrapper.get_submodule(owner)
+        for slots in (module._parameters, module._buffers):  # (assign=True may replace either)
+            if name in slots:
+                places.append((slots, name, True))  # type: ignore[arg-type]
+    return Saved(places)
 
 
-def restore(wrapper: nn.Module, saved: dict[str, tuple[Tensor, Tensor]]) -> None:
+def restore(wrapper: nn.Module, saved: Saved) -> None:
     """Put back what :func:`snapshot` saw: the same tensor objects, holding the same values."""
-    with torch.no_grad():
-        for key, (tensor, values) in saved.items():
-            owner, _, name = key.rpartition(".")
-            module = wrapper.get_submodule(owner)
-            if name in module._parameters:  # assign=True may have put another object there
-                module._parameters[name] = tensor  # type: ignore[assignment]
-            else:
-                module._buffers[name] = tensor
-            tensor.copy_(values)
+    saved.restore()
     wrapper.__dict__["_core"].follow_dtype()  # the layout's dtype as it was, too
