@@ -9,6 +9,7 @@ import torch
 from conftest import build, reference, snapshot
 from torch import nn
 
+import torchreparam._call as call_module  # (its snapshot function is counted below)
 from torchreparam import ReparamModule
 
 
@@ -198,3 +199,25 @@ def test_a_call_that_raises_restores_running_statistics_also_after_successful_ca
 
 def _raise(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
     raise KeyError("after BatchNorm ran")
+
+
+def test_replaced_buffers_block_spans_optimizer_steps() -> None:
+    r, _, (x,) = build("convbn")
+    opt = torch.optim.SGD([r.flat_param], lr=0.1)
+    buffers = [b.clone() for b in r.module.buffers()]
+    with r.replaced_buffers(buffers):
+        for _ in range(2):  # the second call failed: views bound before the step went stale
+            opt.zero_grad()
+            r(x).sum().backward()
+            opt.step()
+        assert torch.equal(r.module[0].weight, r.layout.view(r.flat_param, "0.weight"))
+
+
+def test_a_population_loop_takes_one_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
+    r, _, (x,) = build("convbn")
+    r.population_strategy = "loop"
+    taken = []
+    real = call_module.snapshot
+    monkeypatch.setattr(call_module, "snapshot", lambda core: taken.append(1) or real(core))
+    r(x, flat_param=torch.randn(5, r.param_numel))
+    assert len(taken) == 1

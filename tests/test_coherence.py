@@ -111,6 +111,14 @@ def test_converting_the_unwrapped_module_moves_flat_param_too() -> None:
     torch.testing.assert_close(r.module(x.double()), twin.double()(x.double()))
 
 
+def test_layout_dtype_follows_conversions() -> None:
+    r = ReparamModule(mlp())
+    r.double()
+    assert r.layout.dtype == torch.float64
+    r.module.half()
+    assert r.layout.dtype == torch.float16 == r.flat_param.dtype
+
+
 def test_deepcopy_is_independent_and_coherent() -> None:
     r, _twin, (x,) = build("convbn")
     r(x, flat_param=torch.randn(r.param_numel))  # leave cached views and a graph around

@@ -30,6 +30,18 @@ def test_flat_param_of_the_wrong_shape(shape: tuple[int, ...]) -> None:
         r(x, flat_param=torch.zeros(shape))
 
 
+def test_single_vector_calls_refuse_a_population_clearly() -> None:
+    r, _, _ = build("mlp")
+    with (
+        pytest.raises(
+            ValueError,
+            match=re.escape("flat_param has shape (2, 66), but this call takes one vector (66,)"),
+        ),
+        r.unflattened_param(torch.zeros(2, 66)),
+    ):
+        pass  # pragma: no cover
+
+
 def test_flat_param_of_the_wrong_dtype() -> None:
     r, _, (x,) = build("mlp")
     message = (

@@ -4,7 +4,7 @@ Stages: input validation; inside forward (a hook raising before or after every s
 every kind of call: single, with buffers, the unwrapped module, context managers, ``pure``,
 populations by every strategy, ``torch.func`` transforms, nested bindings); inside backward;
 inside ``vmap``; at one member of a population; in several threads at once; while loading a
-state dict; while tracing. After each: the ``unchanged`` guard (the same ``flat_param``,
+state dict; while tracing; while wrapping (the model is left as it was). After each: the ``unchanged`` guard (the same ``flat_param``,
 state dicts bit-identical, no binding left, outputs equal to a copy taken before), then normal
 calls (own weights and another vector, values and gradients) equal a copy's.
 
@@ -594,3 +594,18 @@ def test_faults_in_threads_do_not_disturb_the_others() -> None:
     assert mismatches == []
     assert sum(faults) == 4 * 20
     THREAD_FAULTS["injected"] += sum(faults)
+
+
+def test_a_wrap_that_fails_leaves_the_model_as_it_was() -> None:
+    class Picky(nn.Linear):
+        def __init_subclass__(cls, **kwargs: object) -> None:
+            raise TypeError("no subclasses")
+
+    net = nn.Sequential(nn.Linear(2, 2), Picky(2, 2))
+    classes = [type(m) for m in net.modules()]
+    params = dict(net.named_parameters())
+    with pytest.raises(TypeError, match="no subclasses"):
+        ReparamModule(net)
+    assert [type(m) for m in net.modules()] == classes
+    assert dict(net.named_parameters()) == params
+    net(torch.randn(1, 2)).sum().backward()  # an ordinary model again

@@ -163,6 +163,15 @@ def test_derivative_helpers_validate_their_inputs() -> None:
         jacobian(ours, theta[None])
 
 
+def test_derivative_helpers_check_their_vector() -> None:
+    with pytest.raises(ValueError, match="flat_param must be a 1-D tensor"):
+        hessian(lambda t: t.sum(), [1.0, 2.0])  # type: ignore[arg-type]
+    theta = torch.ones(3)  # no grad, create_graph=True: still computed
+    assert (
+        hvp(lambda t: (t**2).sum(), theta, torch.ones(3), create_graph=True).tolist() == [2.0] * 3
+    )
+
+
 def test_helpers_work_with_any_function_of_a_vector() -> None:
     lin = nn.Linear(2, 1).double()
     assert (

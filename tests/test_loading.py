@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODELS, Tied, assert_same_state, build, snapshot, unchanged
+from conftest import MODELS, Tied, assert_same_state, build, mlp, snapshot, unchanged
 from torch import Tensor, nn
 
 from torchreparam import (
@@ -398,3 +398,33 @@ def test_a_file_with_a_deeply_nested_layout_is_a_value_error(tmp_path: Path) -> 
         load_flat(bad)
     with unchanged(r, x), pytest.raises(ValueError, match=re.escape(message)):
         load_checkpoint(bad, r)
+
+
+def test_unwrapped_keys_that_start_with_module_are_not_the_wrappers() -> None:
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.module(x)
+
+    r, other = ReparamModule(Holder()), Holder()
+    r.load_state_dict(other.state_dict())  # keys "module.weight", "module.bias"
+    assert torch.equal(r(torch.ones(1, 2)), other(torch.ones(1, 2)))
+
+
+def test_a_failed_load_does_not_leave_the_module_lenient() -> None:
+    r, _, _ = build("mlp")
+
+    def fail(*_: object) -> None:
+        raise KeyError("hook")
+
+    handle = r.module[2].register_load_state_dict_post_hook(fail)
+    with pytest.raises(KeyError):
+        r.load_state_dict(r.state_dict())
+    handle.remove()
+    partial = mlp().state_dict()
+    del partial["0.weight"]
+    with pytest.raises(RuntimeError, match=re.escape('Missing key(s) in state_dict: "0.weight"')):
+        r.module.load_state_dict(partial)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODELS, shared_layer, unchanged
+from conftest import MODELS, build, shared_layer, unchanged
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -185,3 +185,10 @@ def test_compiled() -> None:
     assert innermost(r._core) is None
     _same(r.module(*x), twin(*x))
     torch._dynamo.reset()
+
+
+def test_a_callers_vector_swapped_in_by_functional_call_is_not_kept() -> None:
+    r, _, (x,) = build("mlp")
+    theta = torch.randn(r.param_numel)
+    torch.func.functional_call(r, {"flat_param": theta}, (x,))
+    assert r._core._cache is None or r._core._cache[0] is not theta

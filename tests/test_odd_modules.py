@@ -198,6 +198,37 @@ def test_checkpoint_recomputation_uses_the_callers_vector(reentrant: bool) -> No
     torch.testing.assert_close(r.flat_param.grad, _plain_copy_grad(twin, r.layout, r.flat_param, x))
 
 
+class CheckpointedClosure(nn.Module):
+    """A checkpoint of a closure over the submodules (recomputed after the call returns)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(checkpoint(lambda h: torch.tanh(self.a(h)), x, use_reentrant=False))
+
+
+@pytest.mark.parametrize("how", ["pure", "wrapper_in_block", "buffers_in_block"])
+def test_checkpoint_recomputation_in_every_binding_path(how: str) -> None:
+    net = CheckpointedClosure()
+    twin = copy.deepcopy(net)
+    r = ReparamModule(net)
+    x = torch.randn(2, 3)
+    theta = (5 * torch.randn(r.param_numel)).requires_grad_()
+    if how == "pure":
+        out = r.pure(x, flat_param=theta)[0]
+    else:
+        with r.unflattened_param(theta):
+            if how == "wrapper_in_block":
+                out = r(x)
+            else:
+                with r.replaced_buffers(()):
+                    out = r.module(x)
+    out.square().sum().backward()  # after the blocks: recomputation runs here
+    torch.testing.assert_close(theta.grad, _plain_copy_grad(twin, r.layout, theta, x))
+
+
 def test_sparse_embedding_gives_a_dense_flat_gradient() -> None:
     net = nn.Sequential(nn.Embedding(10, 3, sparse=True), nn.Linear(3, 2))
     twin = copy.deepcopy(net)
@@ -261,3 +292,14 @@ def test_embedding_max_norm_with_its_own_weights_behaves_as_plain() -> None:
     torch.testing.assert_close(
         r.flat_param.grad, torch.cat([p.grad.reshape(-1) for p in twin.parameters()])
     )
+
+
+def test_max_norm_with_fresh_flat_param_and_pure() -> None:
+    net = nn.Sequential(nn.Embedding(10, 3, max_norm=0.5), nn.Linear(3, 2))
+    r = ReparamModule(net)
+    before = r.flat_param.detach().clone()
+    torch.manual_seed(3)
+    theta = r.fresh_flat_param()
+    assert not torch.equal(r.layout.view(theta, "0.weight"), net[0].weight)  # re-drawn
+    r.pure(torch.randint(0, 10, (6,)))
+    assert torch.equal(r.flat_param, before)  # pure mutates nothing, max_norm included
