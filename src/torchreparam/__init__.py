@@ -1,5 +1,22 @@
 """torchreparam: any ``nn.Module`` over one flat parameter vector, callable with any other.
 
+The package is five layers; each imports only from those before it (no cycles, no imports
+inside functions), so a reader can start at either end:
+
+1. layout: ``_layout`` (``FlatLayout``: names, shapes, offsets and tied aliases of the flat
+   vector, a frozen value), beside ``_checks`` (input checks), ``_types`` (the public type
+   aliases) and ``_hooks`` (torch's global module hooks), which import nothing of ours.
+2. injection: ``_views`` (a vector as the parameters' views), ``_inject`` (``Core``: the
+   per-thread bindings of vectors and buffers), ``_leaves``, ``_guards`` and ``_classes`` (the
+   subclasses that make each managed module read its parameters from the binding), ``_recompute``.
+3. call: ``_call`` (one call with a vector, undone by ``_transaction`` if it raises), ``_trace``,
+   ``_population`` with ``_population_job`` and ``_batched*`` (a population of vectors in one
+   call), ``_replicate`` (``nn.DataParallel``).
+4. wrapper: ``_module`` (``ReparamModule``) and ``_state_dict`` (its state dicts).
+5. files and extras: ``_checkpoint``, ``_files``, ``_trajectory`` (files); ``_members``,
+   ``_explain``, ``_distributed`` (populations); ``_derivatives``, ``_inner``, ``_unroll*``
+   (derivatives and inner loops over a flat vector); ``_demo`` (``python -m torchreparam demo``).
+
 Example:
     >>> import torch
     >>> from torchreparam import ReparamModule
@@ -28,13 +45,17 @@ from ._layout import FlatLayout, LayoutEntry
 from ._members import member_module, member_vector
 from ._module import ReparamModule
 from ._trajectory import Trajectory, load_trajectory, save_trajectory
+from ._types import Buffers, InDims, Output
 from ._unroll import Unrolled, unroll
 
 __all__ = [
     "AdamState",
+    "Buffers",
     "FlatCheckpoint",
     "FlatLayout",
+    "InDims",
     "LayoutEntry",
+    "Output",
     "ReparamModule",
     "SGDState",
     "StateDictMismatchError",

@@ -96,7 +96,7 @@ def to_wrapper_state_dict(
 
 
 def from_state_dict(
-    state_dict: Mapping[str, Any], layout: FlatLayout
+    state_dict: Mapping[str, object], layout: FlatLayout
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Split a state dict, the wrapper's or the unwrapped module's, into ``(flat, buffers)``.
 
@@ -130,6 +130,7 @@ def from_state_dict(
     problem = _misfit("flat_param", flat, (layout.numel,), layout.dtype)
     unexpected = [k for k in state_dict if k != "flat_param" and not k.startswith("module.")]
     _raise_if_any([], unexpected, [problem] if problem else [], "state dict")
+    assert isinstance(flat, Tensor)  # (else _misfit found a problem)
     return flat, _unwrapped(state_dict)
 
 

@@ -10,7 +10,6 @@ modules may update their buffers in place). ``per_example_grads`` is the excepti
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -160,7 +159,10 @@ def jacobian(fn: Callable[[Tensor], Tensor], flat_param: Tensor) -> Tensor:
 
 
 def per_example_grads(
-    loss_fn: Callable[..., Tensor], flat_param: Tensor, *batch: Any, in_dims: Any = 0
+    loss_fn: Callable[..., Tensor],
+    flat_param: Tensor,
+    *batch: Tensor,
+    in_dims: int | tuple[int | None, ...] = 0,
 ) -> Tensor:
     """Gradients of a per-example loss for every example: a ``(batch, num_params)`` matrix.
 

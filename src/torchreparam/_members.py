@@ -10,19 +10,18 @@ flat vector of such a module, to write it back into the population.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
 from ._checks import check_buffers, check_flat_param
 from ._guards import plain_copy
 from ._module import ReparamModule
+from ._types import Buffers
 
 __all__ = ["member_module", "member_vector"]
 
 
-def member_module(r: ReparamModule, flat_param: Tensor, *, buffers: Any = None) -> nn.Module:
+def member_module(r: ReparamModule, flat_param: Tensor, *, buffers: Buffers = None) -> nn.Module:
     """A plain copy of ``r``'s model holding the weights ``flat_param`` (one member).
 
     The copy has the model's own classes (as before wrapping), its own parameters (copies: no

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _IncompatibleKeys
 from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -32,6 +33,7 @@ from ._state_dict import (
     snapshot,
 )
 from ._trace import Traced
+from ._types import Buffers, InDims, Output
 
 _tracing_state = torch._C._get_tracing_state
 _compiling = torch.compiler.is_compiling
@@ -130,7 +132,7 @@ class ReparamModule(nn.Module):
         """The :class:`FlatLayout` of ``flat_param``: names, shapes, offsets, tied aliases."""
         return self._core.layout
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Output:
         # nn.Module's call path (``_wrapped_call_impl`` -> ``_call_impl`` -> ``forward``), two
         # frames shorter when it has nothing to do: no hooks, not compiled, not traced. The same
         # conditions as ``_call_impl``'s own fast path; anything else takes nn.Module's path.
@@ -151,12 +153,12 @@ class ReparamModule(nn.Module):
 
     def forward(
         self,
-        *inputs: Any,
+        *inputs: object,
         flat_param: Tensor | None = None,
-        buffers: Any = None,
-        in_dims: Any = None,
-        **kwargs: Any,
-    ) -> Any:
+        buffers: Buffers = None,
+        in_dims: InDims = None,
+        **kwargs: object,
+    ) -> Output:
         """Call the wrapped module with ``flat_param`` (and ``buffers``) in place of its own.
 
         Args:
@@ -175,9 +177,11 @@ class ReparamModule(nn.Module):
                 the tensors it is given (and the module's own when none are given). For a
                 population, each may be ``(population, *shape)``: one per member.
             in_dims: for a population only: ``None`` (inputs shared by all members, the
-                default), ``0`` (every positional input has a leading population dimension) or
-                a tuple of ``0``/``None``, one per positional input, as ``torch.func.vmap``.
-            **kwargs: keyword inputs of the wrapped module (shared by all members).
+                default), ``0`` (every positional input has a leading population dimension), a
+                tuple of ``0``/``None``, one per positional input, as ``torch.func.vmap``, or a
+                dict ``{position or keyword name: 0 or None}`` (inputs not named are shared).
+            **kwargs: keyword inputs of the wrapped module (shared by all members unless
+                ``in_dims`` names them).
 
         Raises:
             TypeError, ValueError: ``flat_param``, ``buffers`` or ``in_dims`` do not fit the
@@ -202,12 +206,12 @@ class ReparamModule(nn.Module):
 
     def pure(
         self,
-        *inputs: Any,
+        *inputs: object,
         flat_param: Tensor | None = None,
-        buffers: Any = None,
-        in_dims: Any = None,
-        **kwargs: Any,
-    ) -> tuple[Any, dict[str, Tensor]]:
+        buffers: Buffers = None,
+        in_dims: InDims = None,
+        **kwargs: object,
+    ) -> tuple[Output, dict[str, Tensor]]:
         """Like calling the wrapper, but mutates nothing: returns the updated buffers instead.
 
         The call runs on copies of ``buffers`` (or of the module's own); whatever the module
@@ -315,7 +319,7 @@ class ReparamModule(nn.Module):
             yield
 
     @contextmanager
-    def replaced_buffers(self, buffers: Any) -> Iterator[None]:
+    def replaced_buffers(self, buffers: Buffers) -> Iterator[None]:
         """Within the block, calls of the module in this thread use ``buffers``.
 
         Args:
@@ -325,7 +329,7 @@ class ReparamModule(nn.Module):
         with bind(self._core, params, bound, guard):
             yield
 
-    def trace(self, example_input: Any, **trace_kwargs: Any) -> ReparamModule:
+    def trace(self, example_input: object, **trace_kwargs: object) -> ReparamModule:
         """Trace the module with TorchScript so that later calls with one vector run faster.
 
         The traced graph takes the flat vector and the buffers as inputs, so it follows
@@ -362,8 +366,8 @@ class ReparamModule(nn.Module):
 
     # ---- state dicts --------------------------------------------------------------------
     def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ) -> Any:
+        self, state_dict: Mapping[str, object], strict: bool = True, assign: bool = False
+    ) -> _IncompatibleKeys:
         """Load the wrapper's own state dict, or one of the unwrapped module (original keys).
 
         Everything is checked before anything is copied: a mismatch raises

@@ -41,6 +41,7 @@ from ._checks import check_buffers, check_flat_param, check_in_dims
 from ._inject import Core
 from ._population_job import Columns, Job, join, rebuild, rng_state, set_rng_state
 from ._replicate import called_by_data_parallel, one_vector
+from ._types import Buffers, InDims, Output
 
 __all__ = ["Strategy", "call_population", "population_buffers"]
 
@@ -50,7 +51,7 @@ _RANDOMNESS = ("different", "same")
 
 
 def population_buffers(
-    core: Core, buffers: Any, population: int
+    core: Core, buffers: Buffers, population: int
 ) -> tuple[list[Tensor] | None, tuple[int | None, ...]]:
     """Validated buffers for a population call and, per buffer, 0 (per member) or None (shared)."""
     if buffers is None:
@@ -69,11 +70,11 @@ def call_population(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     thetas: Tensor,
-    buffers: Any = None,
-    in_dims: Any = None,
+    buffers: Buffers = None,
+    in_dims: InDims = None,
     strategy: Strategy = "auto",
     plans: dict[Any, str] | None = None,
-) -> Any:
+) -> Output:
     """``fn`` called once per row of ``thetas`` ``(population, num_params)``, outputs stacked.
 
     Args:
@@ -121,8 +122,8 @@ def prepare(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     thetas: Tensor,
-    buffers: Any,
-    in_dims: Any,
+    buffers: Buffers,
+    in_dims: InDims,
     strategy: str,
 ) -> tuple[Job, bool, int | None, str]:
     """The checked call as a job (with its batched plan, if any), whether vmap may run, the
@@ -164,7 +165,7 @@ def population_options(holder: nn.Module) -> tuple[int | None, str]:
 
 
 def input_dims(
-    in_dims: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], population: int
+    in_dims: InDims, args: tuple[Any, ...], kwargs: Mapping[str, Any], population: int
 ) -> tuple[tuple[int | None, ...], frozenset[str]]:
     """Per positional input 0 or None, and the keyword inputs given one per member."""
     if not isinstance(in_dims, Mapping):

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ._checks import check_buffers, check_flat_param
 from ._inject import CORE_KEY, Core, buffer_site
+from ._types import Buffers, InDims, Output
 
 __all__ = ["called_by_data_parallel", "one_vector", "replica_of"]
 
@@ -51,12 +52,12 @@ def replica_of(wrapper: nn.Module) -> nn.Module:
 
 def _replica_forward(
     self: nn.Module,
-    *inputs: Any,
+    *inputs: object,
     flat_param: Tensor | None = None,
-    buffers: Any = None,
-    in_dims: Any = None,
-    **kwargs: Any,
-) -> Any:
+    buffers: Buffers = None,
+    in_dims: InDims = None,
+    **kwargs: object,
+) -> Output:
     """The wrapper's ``forward``, on this replica's own core; a ``(1, N)`` row is one vector."""
     if _HOLDER not in self.__dict__:
         _adopt(self)
@@ -107,7 +108,7 @@ def _adopt(replica: nn.Module) -> None:
     replica.__dict__[_HOLDER] = holder  # (the core keeps only a weak reference to it)
 
 
-def one_vector(core: Core, flat_param: Tensor, buffers: Any) -> tuple[Tensor, Any]:
+def one_vector(core: Core, flat_param: Tensor, buffers: Buffers) -> tuple[Tensor, Buffers]:
     """A ``(1, N)`` row as the vector ``(N,)``, and ``(1, *shape)`` buffers as ``shape``."""
     if buffers is not None:
         own = core.own_buffers()
