@@ -238,3 +238,74 @@ def test_copies_and_pickles_of_a_leaf_are_plain_parameters() -> None:
         with torch.no_grad():
             copied.zero_()
         torch.testing.assert_close(weight, plain, rtol=0, atol=0)  # independent of the model
+
+
+def _grads_of(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
+    return list(torch.autograd.grad(loss, params))
+
+
+@pytest.mark.parametrize("caller", ["module", "wrapper", "submodule"])
+def test_autograd_grad_reaches_the_leaves_through_every_call(caller: str) -> None:
+    # torch.autograd.grad(loss, net.parameters()) as on the twin, whichever way the module ran:
+    # the unwrapped module, the wrapper with its own weights, one submodule called on its own
+    r, twin, x = _pair()
+    net = r.module
+    run = {
+        "module": lambda m, inp: m(inp),
+        "wrapper": lambda m, inp: (r if m is net else m)(inp),
+        "submodule": lambda m, inp: m[2](m[1](m[0](inp))),
+    }[caller]
+    params = list(net.parameters())  # (r(x) reaches the leaves that exist when it runs)
+    got = _grads_of(run(net, x).square().sum(), params)
+    want = _grads_of(run(twin, x).square().sum(), list(twin.parameters()))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    assert r.flat_param.grad is None
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_backward_with_inputs_accumulates_only_what_it_names() -> None:
+    r, twin, x = _pair()
+    net = r.module
+    first = list(net.parameters())[:2]
+    net(x).square().sum().backward(inputs=first)
+    twin(x).square().sum().backward(inputs=list(twin.parameters())[:2])
+    _assert_same(net, twin)
+    r(x).square().sum().backward(inputs=[r.flat_param])  # then flat_param alone: all of it
+    twin(x).square().sum().backward()
+    _assert_same(net, twin)
+    torch.testing.assert_close(
+        r.flat_param.grad, torch.cat([p.grad.reshape(-1) for p in twin.parameters()])
+    )
+
+
+def test_autograd_grad_of_flat_param_and_the_leaves_at_once() -> None:
+    r, twin, x = _pair()
+    net = r.module
+    got = _grads_of(net(x).square().sum(), [r.flat_param, *net.parameters()])
+    want = _grads_of(twin(x).square().sum(), list(twin.parameters()))
+    torch.testing.assert_close(got[0], torch.cat([w.reshape(-1) for w in want]))
+    for g, w in zip(got[1:], want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_inside_a_call_weights_read_as_views_outside_as_the_leaves() -> None:
+    r, _, x = _pair()
+    net = r.module
+    seen = []
+    net.register_forward_pre_hook(lambda m, args: seen.append(m[0].weight))  # (a hook: outside)
+    original = type(net[0]).forward
+
+    def spy(self: nn.Module, inp: Tensor) -> Tensor:
+        seen.append(self.weight)
+        return original(self, inp)
+
+    type(net[0]).forward = spy  # type: ignore[method-assign]
+    try:
+        net(x)
+    finally:
+        type(net[0]).forward = original  # type: ignore[method-assign]
+    assert seen[0] is net[0].weight
+    assert isinstance(seen[0], nn.Parameter)
+    assert seen[1] is not net[0].weight
+    assert seen[1].data_ptr() == net[0].weight.data_ptr()

@@ -10,6 +10,7 @@ classes. The classes also keep pickling, ``deepcopy``, ``state_dict``, ``load_st
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import weakref
 from collections.abc import Callable, Iterator
@@ -108,6 +109,33 @@ def _param_property(name: str, slot: int) -> property:
     return property(
         fget, doc=f"{name}: the bound vector's view, else the module's own parameter (a leaf)"
     )
+
+
+def _own_forward(base_forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` of a generated class: a call of the unwrapped module (or of a submodule)
+    that no binding of its tree covers binds the module's own weights for its duration.
+
+    Outside a call, a weight reads as its leaf ``nn.Parameter`` (as on a plain module); inside,
+    the cached views of ``flat_param`` (the same memory), whose gradient a ``backward()``
+    accumulates into ``flat_param`` alone, as ``r(x)``'s does (and which reach the leaves when
+    ``torch.autograd.grad`` asks for them). Gradients accumulated through the leaves as well
+    would write ``flat_param.grad``'s memory under another lock than ``flat_param``'s:
+    concurrent backward passes could lose part of a gradient."""
+    tracing = torch._C._is_tracing
+
+    @functools.wraps(base_forward)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if _is_dynamo():  # (compiled code reads flat_param itself: see _compiled_param)
+            return base_forward(self, *args, **kwargs)
+        core: Core = self.__dict__[CORE_KEY]
+        binding = _active()
+        if binding is not None and binding[0] is core and CHAIN.top is binding:
+            return base_forward(self, *args, **kwargs)  # (the hot path: inside the tree's call)
+        if core.writes or tracing() or innermost(core) is not None:
+            return base_forward(self, *args, **kwargs)
+        return call_bound(core, core.unwrapped_params(), None, base_forward, (self, *args), kwargs)
+
+    return forward
 
 
 def _writable_param_property(name: str, slot: int) -> property:
@@ -457,6 +485,8 @@ def _make_class(spec: _Spec) -> type:
         "_torchreparam_spec": spec,
         "parametrizations": PARAMETRIZATIONS,
     }
+    if not writes:
+        namespace["forward"] = _own_forward(base.forward)
     make = _writable_param_property if writes else _param_property
     namespace.update({name: make(name, slot) for name, slot in managed.items()})
     namespace.update({name: _buffer_property(name, slot) for name, slot in buffers})

@@ -200,8 +200,11 @@ class Core:
             # Views made in inference mode carry no graph; a plain tensor here is a caller's
             # (torch.func.functional_call(r, {"flat_param": theta})): neither is cached.
             return self.views.fast(flat)
+        leaves = self.leaves
         with torch.enable_grad():  # cached views must carry the graph to flat_param
-            views = self.views.fast(flat)
+            # (once the unwrapped module's leaves exist, the graph reaches them too: see
+            # ViewMaker.own; flat_param alone accumulates in a backward() pass)
+            views = self.views.fast(flat) if leaves is None else self.views.own(flat, leaves.params)
         self._cache = (flat, (flat._version, flat.data_ptr(), flat.requires_grad), views)
         return views
 
@@ -212,10 +215,22 @@ class Core:
         flat = self.params["flat_param"]
         if type(flat) is not nn.Parameter:
             return self.own_views()[slot]
+        return self._made_leaves(flat).leaf(flat, slot)
+
+    def _made_leaves(self, flat: Tensor) -> Leaves:
         leaves = self.leaves
         if leaves is None:
             leaves = self.leaves = Leaves(self.layout, flat)
-        return leaves.leaf(flat, slot)
+            self._cache = None  # the own views are made again, with the leaves as inputs
+        return leaves
+
+    def unwrapped_params(self) -> tuple[Tensor, ...]:
+        """What a call of the unwrapped module (or a submodule) binds: :meth:`own_params`,
+        whose gradient reaches the leaves (made now: the call is a use of the module)."""
+        flat = self.params["flat_param"]
+        if type(flat) is nn.Parameter:
+            self._made_leaves(flat)
+        return self.own_params()
 
     def own_params(self) -> tuple[Tensor, ...]:
         """What a call with the module's own weights binds: views of ``flat_param`` (gradients

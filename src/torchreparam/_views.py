@@ -51,16 +51,66 @@ class _Unflatten(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, None]:
         # Grads arrive materialized (zeros for unused views), so the cat always has N elements.
         # The cat is made of differentiable ops: second-order gradients (MAML) flow through it.
-        try:
-            return _flatten(list(grads)), None
-        except RuntimeError:  # rare layouts: see _cat_slow
-            return _cat_slow(grads), None
+        return _flat_grad(grads), None  # (rare layouts: see _cat_slow)
 
     @staticmethod
     def jvp(ctx: Any, flat_tangent: Tensor, _: None) -> tuple[Tensor, ...]:
         # Forward-mode AD (``torch.autograd.forward_ad`` dual vectors): the views' tangents are
         # the same views of the vector's tangent (views, as autograd requires of view outputs).
         return tuple(_unflatten(flat_tangent, ctx._forward_cls.refs))
+
+
+class _OwnUnflatten(_Unflatten):
+    """Views of ``flat_param`` that also have the unwrapped module's leaf parameters as inputs
+    (see :mod:`._leaves`), so that ``torch.autograd.grad(loss, net.parameters())`` reaches
+    them; each backward pass sends the gradient to one accumulator only.
+
+    A ``backward()`` that accumulates into ``flat_param`` gets the whole gradient there, and
+    nothing through the leaves (their ``.grad`` are views of ``flat_param.grad``). Two
+    accumulators writing the same memory would do it under two locks: torch serializes
+    accumulation per tensor, so concurrent backward passes could lose part of a gradient.
+    Gradients the pass asks of the leaves (``autograd.grad`` inputs, ``backward(inputs=...)``)
+    go to them when ``flat_param`` does not accumulate in that pass."""
+
+    @staticmethod
+    def forward(ctx: Any, flat: Tensor, refs: list[Tensor], *leaves: Tensor) -> tuple[Tensor, ...]:
+        return tuple(_unflatten(flat, refs))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        nodes = ctx.next_functions  # (flat_param's, then the leaves': None if frozen)
+        to_flat = _wanted(nodes[0][0])
+        if to_flat == "accumulate":  # (a backward() pass: no leaf is an autograd.grad input)
+            return (_flat_grad(grads), None, *(None,) * len(grads))
+        leaves = [
+            g if _wanted(node) else None for g, (node, _) in zip(grads, nodes[1:], strict=True)
+        ]
+        return (_flat_grad(grads) if to_flat else None, None, *leaves)
+
+    @staticmethod
+    def jvp(ctx: Any, flat_tangent: Tensor, _: None, *leaf_tangents: Tensor) -> tuple[Tensor, ...]:
+        return tuple(_unflatten(flat_tangent, ctx._forward_cls.refs))
+
+
+_will_execute = torch._C._will_engine_execute_node
+
+
+def _wanted(node: Any) -> str | None:
+    """What the running backward pass does at ``node`` (an input's gradient accumulator):
+    ``"accumulate"`` (into ``.grad``), ``"capture"`` (an ``autograd.grad`` input) or None."""
+    if node is None:
+        return None
+    try:
+        return "accumulate" if _will_execute(node) else None
+    except RuntimeError:  # (torch refuses to answer for an autograd.grad input: it is one)
+        return "capture"
+
+
+def _flat_grad(grads: tuple[Tensor, ...]) -> Tensor:
+    try:
+        return _flatten(list(grads))
+    except RuntimeError:
+        return _cat_slow(grads)
 
 
 def _cat_slow(grads: tuple[Tensor, ...]) -> Tensor:
@@ -75,10 +125,10 @@ def _cat_slow(grads: tuple[Tensor, ...]) -> Tensor:
 _base_apply = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
 
 
-def _unflatten_for(refs: list[Tensor]) -> Any:
-    """``apply`` of an :class:`_Unflatten` subclass that holds ``refs`` (for its ``jvp``)."""
+def _unflatten_for(refs: list[Tensor], kind: type[_Unflatten] = _Unflatten) -> Any:
+    """``apply`` of a subclass of ``kind`` that holds ``refs`` (for its ``jvp``)."""
     function: type[_Unflatten] = type(
-        "_Unflatten", (_Unflatten,), {"refs": refs, "__module__": __name__}
+        kind.__name__, (kind,), {"refs": refs, "__module__": __name__}
     )
     return _base_apply.__get__(None, function) if _base_apply is not None else function.apply
 
@@ -86,7 +136,7 @@ def _unflatten_for(refs: list[Tensor]) -> Any:
 class ViewMaker:
     """Turns a flat vector into a tuple of views, one per layout entry, in layout order."""
 
-    __slots__ = ("always_traceable", "apply", "refs", "shapes", "sizes", "strided")
+    __slots__ = ("always_traceable", "apply", "apply_own", "refs", "shapes", "sizes", "strided")
 
     def __init__(self, layout: FlatLayout) -> None:
         self.shapes = tuple(e.shape for e in layout.entries)
@@ -95,6 +145,7 @@ class ViewMaker:
         # Shape carriers for the C++ unflatten, which reads only sizes: meta tensors cost nothing.
         self.refs = [torch.empty(s, device="meta") for s in self.shapes]
         self.apply = _unflatten_for(self.refs)
+        self.apply_own = _unflatten_for(self.refs, _OwnUnflatten)
         # The C++ unflatten returns (0,)-shaped fresh tensors for empty entries: not views.
         self.always_traceable = any(n == 0 for n in self.sizes)
 
@@ -108,6 +159,7 @@ class ViewMaker:
         self.strided = _strided(self.shapes, self.sizes)
         self.refs = [torch.empty(s, device="meta") for s in self.shapes]
         self.apply = _unflatten_for(self.refs)
+        self.apply_own = _unflatten_for(self.refs, _OwnUnflatten)
 
     def fast_path_ok(self, flat: Tensor) -> bool:
         """Whether ``flat`` can take the C++ path: a plain tensor, outside every tracer."""
@@ -134,6 +186,13 @@ class ViewMaker:
         if flat.requires_grad:
             return self.apply(flat, self.refs)  # type: ignore[no-any-return,unused-ignore]
         return tuple(_unflatten(flat, self.refs))
+
+    def own(self, flat: Tensor, leaves: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Views of ``flat_param`` whose gradient also reaches ``leaves`` when a backward pass
+        asks for theirs (see :class:`_OwnUnflatten`); the fast path's, else :meth:`__call__`."""
+        if flat.requires_grad and torch.is_grad_enabled() and self.fast_path_ok(flat):
+            return self.apply_own(flat, self.refs, *leaves)  # type: ignore[no-any-return]
+        return self(flat)
 
     def rows(self, flats: Tensor) -> tuple[Tensor, ...]:
         """Views ``(population, *shape)`` of a ``(population, num_params)`` matrix, one per entry
