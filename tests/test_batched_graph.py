@@ -14,6 +14,7 @@ from conftest import unchanged
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
 
 from torchreparam import ReparamModule, _population_job, explain_population
 from torchreparam._batched_graph import GraphPlan
@@ -85,6 +86,43 @@ class Tokens(nn.Module):
         return {"logits": self.head(h), "pooled": h.mean(dim=1)}
 
 
+class MhaBlock(nn.Module):
+    """A transformer block around ``nn.MultiheadAttention`` (pre-norm, residuals, MLP)."""
+
+    def __init__(self, width: int = 8, heads: int = 2, batch_first: bool = True) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=batch_first)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class Mha(nn.Module):
+    """``nn.MultiheadAttention`` called with the inputs named in ``roles`` (query ``x``, key
+    ``k``, value ``v``, ``kpm``, ``mask``), returning the weights where it has them."""
+
+    def __init__(self, roles: tuple[str, ...], call: dict[str, Any], **options: Any) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, **options)
+        self.roles, self.call = roles, call
+
+    def forward(self, a: Tensor, b: Any = None, c: Any = None, d: Any = None, e: Any = None) -> Any:
+        given = dict(zip(self.roles, (a, b, c, d, e), strict=False))
+        x = given["x"]
+        k = given.get("k", x)
+        out, weights = self.attn(
+            x, k, given.get("v", k), key_padding_mask=given.get("kpm"),
+            attn_mask=given.get("mask"), **self.call,
+        )  # fmt: skip
+        return out if weights is None else (out, weights)
+
+
 def resnet() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1), Residual(4), Residual(4, groups=2, norm="gn"),
@@ -104,33 +142,42 @@ MODELS: dict[str, tuple[Any, Any]] = {
     "conv1d": (conv1d, lambda: torch.randn(3, 2, 9)),
     "attention": (Attention, lambda: torch.randn(2, 5, 8)),
     "tokens": (Tokens, lambda: torch.randint(0, 11, (2, 5))),
+    "mha_block": (MhaBlock, lambda: torch.randn(2, 5, 8)),
+    "mha_seq_first": (lambda: MhaBlock(batch_first=False), lambda: torch.randn(5, 2, 8)),
 }
 
 
-def _loop(r: ReparamModule, thetas: Tensor, x: Tensor, per_member: bool, **kw: Any) -> Any:
-    outs = [r(x[i] if per_member else x, flat_param=t, **kw) for i, t in enumerate(thetas)]
-    if isinstance(outs[0], dict):
-        return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
-    return torch.stack(outs)
+def _loop(r: ReparamModule, thetas: Tensor, x: Any, per_member: Any, **kw: Any) -> Any:
+    """The loop of single calls, stacked. ``x``: one input or a tuple of them; ``per_member``:
+    whether each has a leading population dimension (one flag for all, or one per input)."""
+    xs = x if isinstance(x, tuple) else (x,)
+    flags = per_member if isinstance(per_member, tuple) else (per_member,) * len(xs)
+    outs = [
+        r(*(a[i] if f else a for a, f in zip(xs, flags, strict=True)), flat_param=t, **kw)
+        for i, t in enumerate(thetas)
+    ]
+    return tree_map(lambda *leaves: torch.stack(leaves), *outs)
 
 
-def _check(r: ReparamModule, thetas: Tensor, x: Tensor, per_member: bool, **kw: Any) -> None:
+def _check(r: ReparamModule, thetas: Tensor, x: Any, per_member: Any, **kw: Any) -> None:
     """The batched call against the loop: values and gradients (of vectors and inputs)."""
+    xs = x if isinstance(x, tuple) else (x,)
+    flags = per_member if isinstance(per_member, tuple) else (per_member,) * len(xs)
     ref_thetas = thetas.detach().clone().requires_grad_()
-    ref_x = x.detach().clone().requires_grad_(x.is_floating_point())
+    refs_x = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in xs)
     r.population_strategy = "batched"
-    out = r(x, flat_param=thetas, in_dims=0 if per_member else None, **kw)
+    dims = tuple(0 if f else None for f in flags)
+    out = r(*xs, flat_param=thetas, in_dims=dims, **kw)
     r.population_strategy = "loop"
-    expected = _loop(r, ref_thetas, ref_x, per_member, **kw)
+    expected = _loop(r, ref_thetas, refs_x, flags, **kw)
     torch.testing.assert_close(out, expected)
-    leaves = [out] if isinstance(out, Tensor) else list(out.values())
-    refs = [expected] if isinstance(expected, Tensor) else list(expected.values())
+    leaves, refs = tree_flatten(out)[0], tree_flatten(expected)[0]
     cots = [torch.randn_like(t) for t in leaves]
-    inputs = [thetas, x] if x.requires_grad else [thetas]
-    got = torch.autograd.grad(sum((t * c).sum() for t, c in zip(leaves, cots, strict=True)), inputs)
+    wanted = [thetas, *(a for a in xs if a.requires_grad)]
+    got = torch.autograd.grad(sum((t * c).sum() for t, c in zip(leaves, cots, strict=True)), wanted)
     want = torch.autograd.grad(
         sum((t * c).sum() for t, c in zip(refs, cots, strict=True)),
-        [ref_thetas, ref_x] if x.requires_grad else [ref_thetas],
+        [ref_thetas, *(a for a in refs_x if a.requires_grad)],
     )
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
@@ -155,6 +202,101 @@ def test_graph_plan_equals_the_loop(name: str, per_member: bool) -> None:
         patch.setattr(_population_job.Job, "loop", original)
     _check(r, thetas.requires_grad_(), x, per_member)
     assert isinstance(r._core.memo.get("graph"), GraphPlan)
+
+
+MHA_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
+    # id: (module options, call options, inputs: x k v, kpm bool/float, mask 2d/3d/causal)
+    "self": ({"batch_first": True}, {"need_weights": False}, "x"),
+    "self_weights": ({"batch_first": True}, {}, "x"),
+    "per_head_weights": ({}, {"average_attn_weights": False}, "x"),
+    "seq_first_masks": ({}, {"need_weights": False}, "x kpm:bool mask:2d"),
+    "float_masks_weights": ({"batch_first": True}, {}, "x kpm:float mask:3d"),
+    "causal": ({"batch_first": True}, {"need_weights": False, "is_causal": True}, "x mask:causal"),
+    "causal_padding": ({"batch_first": True}, {"is_causal": True}, "x kpm:bool mask:causal"),
+    "bias_kv_zero_attn": (
+        {"batch_first": True, "add_bias_kv": True, "add_zero_attn": True},
+        {"need_weights": False}, "x kpm:bool mask:3d",
+    ),
+    "cross_kdim_vdim": ({"kdim": 6, "vdim": 5}, {}, "x k v kpm:bool"),
+    "cross_kdim_vdim_sdpa": (
+        {"batch_first": True, "kdim": 6, "vdim": 5, "add_bias_kv": True},
+        {"need_weights": False}, "x k v mask:2d",
+    ),
+    "unbatched": ({}, {"need_weights": False}, "x- kpm:bool mask:3d"),
+    "unbatched_weights": ({"add_zero_attn": True}, {}, "x- k- v- mask:2d"),
+}  # fmt: skip
+
+
+def _mha_inputs(options: dict[str, Any], spec: str) -> dict[str, Tensor]:
+    """The inputs of an MHA case: batch 2, target length 3, source length 4 (cross-attention)."""
+    words = spec.split()
+    batched = not words[0].endswith("-")
+    cross = any(w.startswith("k") and not w.startswith("kpm") for w in words)
+    n, target = 2, 3
+    source = 4 if cross else target
+
+    def sequence(length: int, features: int) -> Tensor:
+        if not batched:
+            return torch.randn(length, features)
+        return torch.randn(*((n, length) if options.get("batch_first") else (length, n)), features)
+
+    made = {"x": sequence(target, 8)}
+    for word in words[1:]:
+        name, _, kind = word.rstrip("-").partition(":")
+        if name in ("k", "v"):
+            made[name] = sequence(source, options.get("kdim" if name == "k" else "vdim", 8))
+        elif name == "kpm":
+            kpm = torch.zeros((n, source) if batched else (source,), dtype=torch.bool)
+            kpm[..., -1] = True  # (the last key of every row: no row is all masked)
+            made[name] = kpm if kind == "bool" else kpm.double() * -1e9
+        else:
+            if kind == "causal":
+                mask = torch.ones(target, source, dtype=torch.bool).triu(1)
+            else:
+                shape = (
+                    (target, source)
+                    if kind == "2d"
+                    else ((n if batched else 1) * 2, target, source)
+                )
+                mask = torch.rand(shape) < 0.3
+                mask[..., 0] = False
+            made[name] = mask.double() * -1e9 if "kpm:float" in words else mask
+    return made
+
+
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per_member"])
+@pytest.mark.parametrize("case", list(MHA_CASES))
+def test_multihead_attention_equals_the_loop(case: str, per_member: bool, no_loop: None) -> None:
+    options, call, spec = MHA_CASES[case]
+    inputs = _mha_inputs(options, spec)
+    r = ReparamModule(Mha(tuple(inputs), call, **options)).eval()
+    population = 3
+    flags = tuple(per_member and t.is_floating_point() for t in inputs.values())
+    xs = tuple(
+        torch.stack([t + 0.1 * torch.randn_like(t) for _ in range(population)]) if f else t
+        for t, f in zip(inputs.values(), flags, strict=True)
+    )
+    xs = tuple(t.requires_grad_(t.is_floating_point()) for t in xs)
+    thetas = r.fresh_flat_param(population) + 0.1 * torch.randn(population, r.param_numel)
+    _check(r, thetas.requires_grad_(), xs, flags)
+    text = explain_population(
+        r, *xs, flat_param=thetas, in_dims=tuple(0 if f else None for f in flags)
+    )
+    assert "layers by rule: MultiheadAttention" in text
+    assert "under vmap" not in text
+
+
+def test_multihead_attention_dropout_in_train_mode_is_refused() -> None:
+    r = ReparamModule(MhaBlock())
+    r.module.attn.dropout = 0.1  # (train mode: each member draws its own dropout mask)
+    x, thetas = torch.randn(2, 5, 8), r.fresh_flat_param(3)
+    message = "module 'attn' (MultiheadAttention draws random numbers (dropout in train mode"
+    assert message in explain_population(r, x, flat_param=thetas)
+    r.population_strategy = "batched"
+    with unchanged(r), pytest.raises(ValueError, match=re.escape(message)):
+        r(x, flat_param=thetas)
+    r.eval()  # no dropout in eval mode: the rule runs
+    _check(r, thetas.requires_grad_(), x.requires_grad_(), False)
 
 
 def test_per_member_batchnorm_statistics_in_eval_mode(no_loop: None) -> None:
@@ -257,11 +399,15 @@ def test_explain_says_what_runs_and_why() -> None:
 # ---- fuzz ------------------------------------------------------------------------------------
 @st.composite
 def architectures(draw: st.DrawFn) -> tuple[nn.Module, tuple[int, ...]]:
-    kind = draw(st.sampled_from(["conv", "attention"]))
-    if kind == "attention":
+    kind = draw(st.sampled_from(["conv", "attention", "multihead"]))
+    if kind in ("attention", "multihead"):
         heads = draw(st.sampled_from([1, 2, 4]))
         width = heads * draw(st.integers(1, 3))
-        blocks = [Attention(width, heads) for _ in range(draw(st.integers(1, 2)))]
+        first = kind == "attention" or draw(st.booleans())  # (batch_first: this layout)
+        blocks = [
+            Attention(width, heads) if kind == "attention" else MhaBlock(width, heads, first)
+            for _ in range(draw(st.integers(1, 2)))
+        ]
         return nn.Sequential(*blocks, nn.Linear(width, 2)), (draw(st.integers(1, 3)), draw(
             st.integers(1, 4)), width)  # fmt: skip
     channels = draw(st.sampled_from([2, 4]))

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ._hooks import global_hooks as _global_hooks  # (the name _batched_graph imports from here)
 from ._layout import FlatLayout
 
-__all__ = ["Plan", "plan", "run"]
+__all__ = ["Plan", "defined_forward", "plan", "run"]
 
 # Modules that act on each element alone: the same on a stacked (population, ...) tensor.
 _ELEMENTWISE = (
@@ -88,11 +88,20 @@ def _state(module: nn.Module) -> tuple[Any, ...]:
     cls = type(module)
     state = module.__dict__
     hooked = _hooked(module)
-    forward = cls.forward
+    forward = defined_forward(module)
     if forward is nn.Dropout.forward or forward in _FORWARDS:
         return cls, hooked, state["training"], state.get("p"), state.get("inplace")
     modules = state["_modules"]
     return cls, hooked, tuple(modules.values()) if modules else ()
+
+
+def defined_forward(module: nn.Module) -> Any:
+    """The ``forward`` that ``module``'s own class defines or inherits: a class torchreparam
+    generates for a managed module (``_classes``) may wrap it, so its bases are read."""
+    for cls in type(module).__mro__:
+        if "_torchreparam_spec" not in cls.__dict__:
+            return getattr(cls, "forward", None)
+    return type(module).forward
 
 
 def _called_as_torch_defines(cls: type) -> bool:
@@ -111,7 +120,7 @@ def _walk(
     if state[1] or not _called_as_torch_defines(cls):  # (state[1]: hooked)
         return False
     seen.append((module, state))
-    forward = cls.forward
+    forward = defined_forward(module)
     if forward is nn.Sequential.forward:
         if getattr(cls, "__iter__", None) is not nn.Sequential.__iter__:  # (`for m in self`)
             return False
@@ -166,7 +175,7 @@ def run(made: Plan, rows: Sequence[Tensor], x: Tensor, batched: bool) -> Tensor 
     lead: tuple[int, ...] | None = None  # set while x is feature-major: a member's lead dims
     for kind, w_at, b_at, in_features, module in made.steps:
         if kind == ELEMENTWISE or (kind == FLATTEN and not batched):
-            x = type(module).forward(module, x)  # type: ignore[union-attr]  # (plan holds)
+            x = defined_forward(module)(module, x)  # type: ignore[arg-type]  # (plan holds)
             continue
         if kind == FLATTEN:  # of each member's dimensions
             if lead is not None:

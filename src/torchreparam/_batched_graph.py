@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ._batched import _called_as_torch_defines, _global_hooks, _hooked
+from ._batched import _called_as_torch_defines, _global_hooks, _hooked, defined_forward
+from ._batched_attention import call_rule, no_rule_reason, outputs
 from ._batched_functions import FUNCTIONS, METHODS
 from ._batched_rules import Stacked, module_rule
 from ._inject import Core, bind
@@ -136,10 +137,23 @@ class _Tracer(fx.Tracer):
         return _Proxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if module_rule(m) is None:
+        if module_rule(m) is None and call_rule(m) is None:
+            why = no_rule_reason(m)
+            if why is not None:
+                raise _Refused(f"module {qualname!r} ({why})")
             return False
         self.leaves[qualname] = m
         return True
+
+    def call_module(
+        self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        out = super().call_module(m, forward, args, kwargs)
+        if call_rule(m) is None or not isinstance(out, fx.Proxy):
+            return out
+        # (a tuple the forward code can unpack and test: `weights is None` holds as it would)
+        kinds = outputs(m, args, kwargs)
+        return tuple(None if kind is None else out[i] for i, kind in enumerate(kinds))  # type: ignore[index]
 
     def create_arg(self, a: Any) -> Any:
         if isinstance(a, Tensor) and not isinstance(a, nn.Parameter):
@@ -192,7 +206,7 @@ def _make(root: nn.Module, core: Core) -> GraphPlan:
         if (
             m.training
             and next(m.buffers(recurse=False), None) is not None
-            and not (module_rule(m) is not None and type(m).forward is _BATCH_NORM)
+            and not (module_rule(m) is not None and defined_forward(m) is _BATCH_NORM)
         ):
             raise _Refused(f"{where} is in train mode with buffers (it may update them)")
     tracer = _Tracer(layout, core.flat())
@@ -242,13 +256,14 @@ def _check_node(
 ) -> None:
     if node.op == "call_module":
         module = leaves[node.target]  # type: ignore[index]
-        _, names = module_rule(module)  # type: ignore[misc]
+        several = call_rule(module)
+        _, names = several or module_rule(module)  # type: ignore[misc]
         for attr in names:
-            if attr in module._parameters and module._parameters[attr] is not None:
-                full = f"{node.target}.{attr}"
-                if full not in layout:
-                    raise _Refused(f"weight {full!r} is not in flat_param (frozen)")
-        if node.kwargs or len(node.args) != 1:
+            owner, _, leaf = attr.rpartition(".")
+            params = module.get_submodule(owner)._parameters
+            if params.get(leaf) is not None and f"{node.target}.{attr}" not in layout:
+                raise _Refused(f"weight {node.target}.{attr!r} is not in flat_param (frozen)")
+        if several is None and (node.kwargs or len(node.args) != 1):
             raise _Refused(f"module {node.target!r} is called with other than one input")
     if node.op in ("call_method", "call_function") and _random(node):
         raise _Refused(
@@ -298,13 +313,10 @@ def run_graph(
         elif op == "get_attr":
             env[node] = _attr(made, node.target, rows, buffers)
         elif op == "call_module":
-            x = env[node.args[0]]
-            if not isinstance(x.value, Tensor):
-                return None
-            layer = _module(made, node.target, x, rows, buffers, population)
+            layer = _module(made, node, env, rows, buffers, population)
             if layer is None:
                 return None
-            env[node] = Stacked(layer, True)
+            env[node] = layer
         elif op in ("call_function", "call_method"):
             out = _call(node, env, randomness)
             if out is None:
@@ -336,10 +348,14 @@ def _get(root: nn.Module, target: str) -> Any:
     return value
 
 
-def _module(made: GraphPlan, target: str, x: Stacked, rows: tuple[Tensor, ...],
-            buffers: dict[str, Stacked], population: int) -> Tensor | None:  # fmt: skip
+def _module(made: GraphPlan, node: fx.Node, env: dict[fx.Node, Stacked], rows: tuple[Tensor, ...],
+            buffers: dict[str, Stacked], population: int) -> Stacked | None:  # fmt: skip
+    target = node.target
+    assert isinstance(target, str)
     module = made.leaves[target]
-    rule, names = module_rule(module)  # type: ignore[misc]
+    several = call_rule(module)
+    single = module_rule(module)
+    names = several[1] if several is not None else single[1]  # type: ignore[index]
     weights: dict[str, Tensor | None] = {}
     for attr in names:
         full = f"{target}.{attr}"
@@ -349,7 +365,17 @@ def _module(made: GraphPlan, target: str, x: Stacked, rows: tuple[Tensor, ...],
             weights[attr] = buffers[full].value
         else:
             weights[attr] = None
-    return rule(module, weights, x.value, x.stacked, population)
+    if several is not None:
+        args, kwargs = tree_map(
+            lambda v: env[v] if isinstance(v, fx.Node) else Stacked(v, False),
+            (node.args, node.kwargs),
+        )
+        return several[0](module, weights, args, kwargs, population)
+    x = env[node.args[0]]  # type: ignore[index]
+    if not isinstance(x.value, Tensor):
+        return None
+    out = single[0](module, weights, x.value, x.stacked, population)  # type: ignore[index]
+    return None if out is None else Stacked(out, True)
 
 
 def _call(node: fx.Node, env: dict[fx.Node, Stacked], randomness: str) -> Stacked | None:
@@ -396,7 +422,8 @@ def _vmapped(target: Any, flat: list[Any], spec: Any, values: list[Stacked],
 
 
 def _output(result: Any, population: int) -> Any:
-    leaves, spec = tree_flatten(_plain_containers(result), is_leaf=lambda v: isinstance(v, Stacked))
+    result = _plain_containers(result)
+    leaves, spec = tree_flatten(result, is_leaf=lambda v: isinstance(v, Stacked))
     out: list[Tensor | None] = []
     for leaf in leaves:
         value = leaf.value if isinstance(leaf, Stacked) else leaf
@@ -412,7 +439,10 @@ def _output(result: Any, population: int) -> Any:
 
 
 def _plain_containers(value: Any) -> Any:
-    """fx's immutable lists and dicts in an output as plain ones (as the module returns)."""
+    """fx's immutable lists and dicts in an output as plain ones (as the module returns), and
+    a layer's tuple output (attention's ``(output, weights)``) as a tuple of its values."""
+    if isinstance(value, Stacked) and type(value.value) is tuple:
+        return tuple(Stacked(v, value.stacked) for v in value.value)
     if isinstance(value, dict):
         return {k: _plain_containers(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._batched import defined_forward
+
 __all__ = ["MODULES", "Stacked", "flatten_member", "module_rule", "shift"]
 
 Weights = dict[str, Tensor | None]  # a module's weights by name, each (P, *shape) or None
@@ -184,12 +186,12 @@ def _pool(module: nn.Module, w: Weights, x: Tensor, stacked: bool, p: int) -> Te
     if not stacked:
         x = x.unsqueeze(0).expand(p, *x.shape)
     inner = x.shape[-(spatial + 1) :]
-    out = type(module).forward(module, x.reshape(-1, *inner))
+    out = defined_forward(module)(module, x.reshape(-1, *inner))
     return out.view(*x.shape[: x.dim() - spatial - 1], *out.shape[1:])
 
 
 def _elementwise(module: nn.Module, w: Weights, x: Tensor, stacked: bool, p: int) -> Tensor | None:
-    out = type(module).forward(module, x)
+    out = defined_forward(module)(module, x)
     return out if stacked else out.unsqueeze(0).expand(p, *out.shape)
 
 
@@ -253,7 +255,7 @@ MODULES: dict[Any, tuple[ModuleRule, tuple[str, ...]]] = {
 def module_rule(module: nn.Module) -> tuple[ModuleRule, tuple[str, ...]] | None:
     """The rule for ``module`` in its current state, or ``None`` (its forward is traced
     through instead, or, for a layer that would need a rule, the plan is refused)."""
-    found = MODULES.get(type(module).forward)
+    found = MODULES.get(defined_forward(module))
     if found is None:
         return None
     state = module.__dict__
