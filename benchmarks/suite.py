@@ -16,6 +16,7 @@ from .latency import backward_case, forward_case, per_tensor_case
 from .maml import maml_case
 from .optim import adam_case
 from .population import population_case
+from .population_attention import population_attention_case
 from .population_cnn import population_cnn_case
 from .report import Section, Table, environment, load_average, render_section
 from .timing import threads
@@ -47,6 +48,7 @@ CASES: dict[str, Case] = {
     "unroll": unroll_case,
     "population": population_case,
     "population-cnn": population_cnn_case,
+    "population-attention": population_attention_case,
     "resnet": resnet_case,
     "wrap": _wrap,
     "adam": adam_case,
