@@ -357,6 +357,35 @@ def _threads() -> None:
     same(r(*x), twin(*x), "r(x) afterwards")
 
 
+def _concurrent_backward() -> None:
+    # 4 threads x 6 backward passes in turn through net(x) and r(x): every gradient adds up, as
+    # on the twin (in another order: float32 sums, so close)
+    r, twin, x = pair("mlp")
+    net = r.module
+    inputs = [(x[0] + 0.1 * k,) for k in range(24)]
+    calls = [lambda m, inp: m(*inp), lambda m, inp: (r if m is net else m)(*inp)]
+    for k, inp in enumerate(inputs):
+        loss(calls[k % 2](twin, inp)).backward()
+    barrier = threading.Barrier(4)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        for k in range(i * 6, (i + 1) * 6):
+            loss(calls[k % 2](net, inputs[k])).backward()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    close([p.grad for p in net.parameters()], [p.grad for p in twin.parameters()], "every .grad")
+    same(
+        r.flat_param.grad,
+        torch.cat([p.grad.reshape(-1) for p in net.parameters()]),
+        "flat_param.grad: the same memory",
+    )
+
+
 class FloatOut(nn.Module):
     """Returns a tensor and a python float (``.item()`` of the output's sum)."""
 
@@ -396,6 +425,7 @@ def _population_floats(tensor: bool, strategy: str) -> Callable[[], None]:
 T = "Threads and populations"
 ROWS_THREADS = [
     same_row(T, "threads", "4 threads each calling `r(x, flat_param=theta_i)` and `backward()`, LSTM", _threads),
+    same_row(T, "threads_backward", "4 threads each running `backward()` through `net(x)` and `r(x)` in turn", _concurrent_backward),
     same_row(T, "population_float", "a population call of a module returning a python float", _population_floats(False, "auto")),
     same_row(T, "population_tensor_float", "a population call of a module returning `(tensor, float)`", _population_floats(True, "auto")),
     same_row(T, "population_tensor_float_loop", "the same, `population_strategy = 'loop'`", _population_floats(True, "loop")),

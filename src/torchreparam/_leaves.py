@@ -39,6 +39,9 @@ __all__ = ["Leaf", "Leaves"]
 
 _DATA: Any = vars(torch._C.TensorBase)["data"]  # the descriptors plain tensors use (unchecked)
 _GRAD: Any = vars(torch._C.TensorBase)["grad"]
+_DATA_PTR = torch._C.TensorBase.data_ptr  # (C-level reads: a subclass's attribute lookup costs)
+_DTYPE = vars(torch._C.TensorBase)["dtype"].__get__
+_REQUIRES_GRAD = vars(torch._C.TensorBase)["requires_grad"].__get__
 _OWNER = "_torchreparam_owner"  # on a leaf: (weak reference to its Leaves, slot)
 
 
@@ -187,6 +190,11 @@ class Leaves:
         """Copy every leaf that was given new storage into ``flat``, then alias them all again."""
         changed = flat is not self.flat or flat.data_ptr() != self.base or self._unhooked(flat)
         if not changed:
+            params, dtype = self.params, flat.dtype
+            if tuple(map(_DATA_PTR, params)) == self.ptrs and all(
+                _DTYPE(leaf) is dtype for leaf in params
+            ):
+                return  # (the common case: C-level reads, no tensor made)
             data = flat.detach()
             for leaf, entry, ptr in zip(self.params, self.layout.entries, self.ptrs, strict=True):
                 if leaf.data_ptr() == ptr and leaf.dtype == flat.dtype:
@@ -218,7 +226,7 @@ class Leaves:
     def mixed(self, flat: Tensor) -> bool:
         """Whether some leaf's ``requires_grad`` differs from ``flat_param``'s."""
         want = flat.requires_grad
-        return any(leaf.requires_grad is not want for leaf in self.params)
+        return any(_REQUIRES_GRAD(leaf) is not want for leaf in self.params)
 
     # ---- gradients --------------------------------------------------------------------------
     def reset(self, slot: int) -> None:
