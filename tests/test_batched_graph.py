@@ -142,6 +142,10 @@ MODELS: dict[str, tuple[Any, Any]] = {
     "conv1d": (conv1d, lambda: torch.randn(3, 2, 9)),
     "attention": (Attention, lambda: torch.randn(2, 5, 8)),
     "tokens": (Tokens, lambda: torch.randint(0, 11, (2, 5))),
+    "pool_first": (  # (a shared input pooled once, then every member's layers)
+        lambda: nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 3)),
+        lambda: torch.randn(3, 1, 6, 6),
+    ),
     "mha_block": (MhaBlock, lambda: torch.randn(2, 5, 8)),
     "mha_seq_first": (lambda: MhaBlock(batch_first=False), lambda: torch.randn(5, 2, 8)),
 }

@@ -178,16 +178,24 @@ def _embedding(module: nn.Module, w: Weights, x: Tensor, stacked: bool, p: int) 
 
 
 def _pool(module: nn.Module, w: Weights, x: Tensor, stacked: bool, p: int) -> Tensor | None:
-    """Pooling acts on each channel alone: the members become rows of the batch."""
+    """Pooling acts on each channel alone: the members become rows of the batch (in the order
+    the memory holds them: a grouped convolution's output is batch-major, folded without a
+    copy); a shared input is pooled once."""
     spatial = 2 if "2d" in type(module).__name__ else 1
     member_dims = x.dim() - stacked
     if member_dims not in (spatial + 1, spatial + 2):
         return None
+    forward = defined_forward(module)
     if not stacked:
-        x = x.unsqueeze(0).expand(p, *x.shape)
+        out = forward(module, x)
+        return out.unsqueeze(0).expand(p, *out.shape)
+    swap = x.dim() == spatial + 3 and not x.is_contiguous() and x.transpose(0, 1).is_contiguous()
+    if swap:  # (P, B, C, *sp) held as (B, P, C, *sp)
+        x = x.transpose(0, 1)
     inner = x.shape[-(spatial + 1) :]
-    out = defined_forward(module)(module, x.reshape(-1, *inner))
-    return out.view(*x.shape[: x.dim() - spatial - 1], *out.shape[1:])
+    out = forward(module, x.reshape(-1, *inner))
+    out = out.view(*x.shape[: x.dim() - spatial - 1], *out.shape[1:])
+    return out.transpose(0, 1) if swap else out
 
 
 def _elementwise(module: nn.Module, w: Weights, x: Tensor, stacked: bool, p: int) -> Tensor | None:
