@@ -5,6 +5,7 @@ architectures. The loop is forbidden where the plan must compute the result itse
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any
 
 import pytest
@@ -472,3 +473,53 @@ def test_batchnorm_in_train_mode_equals_the_loop() -> None:
         got = torch.autograd.grad(out.square().sum(), thetas)[0]
         torch.testing.assert_close(got, torch.autograd.grad(expected.square().sum(), ref)[0])
     assert all(int(b) == 0 for b in r.module.buffers() if not b.is_floating_point())
+
+
+class _Rendezvous(nn.Module):
+    """Lets another thread run while the graph plan traces this module's forward."""
+
+    def __init__(self, tracing: Any, resume: Any) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.tracing, self.resume = tracing, resume
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):  # (only while traced)
+            self.tracing.set()
+            assert self.resume.wait(30)
+        return self.lin(x).tanh()
+
+
+def test_tracing_leaves_other_threads_calls_alone(no_loop: None) -> None:
+    """Another thread calls a plain model (a Linear, a Sequential, attribute reads) while the
+    graph plan traces: it gets the plain results, and the population equals the loop."""
+    tracing, resume = threading.Event(), threading.Event()
+    r = ReparamModule(_Rendezvous(tracing, resume))
+    plain = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        expected = plain(x)
+    seen: dict[str, Any] = {}
+
+    def other() -> None:
+        try:
+            assert tracing.wait(30)
+            with torch.no_grad():
+                seen["out"] = plain(x)
+                seen["weight"] = plain[0].weight
+        except BaseException as error:  # (reported in the main thread)
+            seen["error"] = error
+        finally:
+            resume.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thetas = r.fresh_flat_param(3)
+    r.population_strategy = "batched"
+    out = r(x, flat_param=thetas)
+    thread.join(30)
+    assert "error" not in seen, seen.get("error")
+    assert type(seen["out"]) is Tensor
+    assert torch.equal(seen["out"], expected)
+    assert type(seen["weight"]) is nn.Parameter
+    torch.testing.assert_close(out, _loop(r, thetas, x, per_member=False))

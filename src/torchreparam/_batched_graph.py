@@ -137,8 +137,13 @@ class _Proxy(fx.Proxy):
 
 
 class _Tracer(fx.Tracer):
+    """fx's tracer, for this thread only: while it traces, fx routes every ``nn.Module`` call
+    and attribute read of the process through it (it patches ``nn.Module.__call__`` and
+    ``__getattr__``); those of other threads run as torch runs them."""
+
     def __init__(self, layout: FlatLayout, flat: Tensor) -> None:
         super().__init__(autowrap_functions=())
+        self.thread = threading.get_ident()
         self.layout, self.flat_ptr = layout, flat.untyped_storage().data_ptr()
         self.constants: dict[str, Tensor] = {}
         self.leaves: dict[str, nn.Module] = {}
@@ -155,9 +160,16 @@ class _Tracer(fx.Tracer):
         self.leaves[qualname] = m
         return True
 
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self.thread:
+            return attr_val  # (another thread's read: the attribute itself)
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def call_module(
         self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)  # (another thread's call: nn.Module.__call__)
         out = super().call_module(m, forward, args, kwargs)
         if call_rule(m) is None or not isinstance(out, fx.Proxy):
             return out
@@ -186,7 +198,8 @@ def graph_plan(root: nn.Module, core: Core, memo: dict[str, Any]) -> GraphPlan |
     if reason is not None and reason[0] == _tree_state(root):
         return reason[1]
     try:
-        with _TRACING:  # (fx patches nn.Module's call path while it traces: one at a time)
+        with _TRACING:  # (fx patches nn.Module's call path while it traces: one at a time, so
+            # that the patches nest; other threads' calls pass through: see _Tracer)
             made = _make(root, core)
     except _Refused as refused:
         memo["graph_refused"] = (_tree_state(root), str(refused))
