@@ -309,3 +309,46 @@ def test_inside_a_call_weights_read_as_views_outside_as_the_leaves() -> None:
     assert isinstance(seen[0], nn.Parameter)
     assert seen[1] is not net[0].weight
     assert seen[1].data_ptr() == net[0].weight.data_ptr()
+
+
+def test_a_new_parent_lists_the_parameters_and_trains_them_as_a_plain_parent() -> None:
+    r, twin, x = _pair()
+    torch.manual_seed(1)
+    head = nn.Linear(3, 2)
+    outer, outer_twin = nn.Sequential(r.module, head), nn.Sequential(twin, copy.deepcopy(head))
+    names = [n for n, _ in outer.named_parameters()]
+    assert names == [n for n, _ in outer_twin.named_parameters()]
+    assert all(
+        p is q for p, q in zip(list(outer.parameters())[:4], r.module.parameters(), strict=True)
+    )
+    for model in (outer, outer_twin):  # an optimizer of the parent's parameters() trains net
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    torch.testing.assert_close(outer(x), outer_twin(x), rtol=0, atol=0)
+    _assert_same(r.module, twin)
+
+
+def test_a_parent_of_the_wrapper_lists_flat_param_once() -> None:
+    r, _, _ = _pair()
+    other, _, _ = _pair()
+    both = nn.ModuleList([r, other.module, nn.Linear(2, 2)])  # one wrapper, one unwrapped module
+    listed = dict(both.named_parameters())
+    assert list(listed) == [
+        "0.flat_param",
+        "1.0.weight",
+        "1.0.bias",
+        "1.2.weight",
+        "1.2.bias",
+        "2.weight",
+        "2.bias",
+    ]
+    assert listed["0.flat_param"] is r.flat_param
+    assert [n for n, _ in r.named_parameters()] == ["flat_param"]
+    # DDP and FSDP collect each module's own with recurse=False: flat_param alone, on the wrapper
+    assert [n for m in r.modules() for n, _ in m.named_parameters(recurse=False)] == ["flat_param"]
+    assert [n for n, _ in nn.Sequential(r.module).named_parameters(recurse=False)] == []
+    copied = copy.deepcopy(both)  # (copies of the parent: the same lists, of their own tensors)
+    assert [n for n, _ in copied.named_parameters()] == list(listed)

@@ -520,9 +520,7 @@ ROWS_HF = [
     same_row(H, "hf_generate", "`model.generate(ids)` (greedy)", _hf_values(_generate)),
 ]  # fmt: skip
 
-_NOT_REGISTERED = "the managed parameters are not in the modules' _parameters (registering the leaves there would make a parent of the wrapper, such as nn.Sequential(r, head), list flat_param and every leaf: an optimizer of its parameters() would step each weight twice)"
 GAPS: dict[str, str] = {  # row -> what goes wrong today (the row is marked xfail(strict=True))
-    "parent_container": f"a new parent's named_parameters() and parameters() are empty, its state_dict() is right ({_NOT_REGISTERED}: only net.named_parameters() lists them)",
 }  # fmt: skip
 TABLE: tuple[Row, ...] = tuple(
     dataclasses.replace(row, xfail=f"issue 11: {GAPS[row.name]}") if row.name in GAPS else row

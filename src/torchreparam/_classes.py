@@ -537,7 +537,9 @@ def install(core: Core, root: nn.Module) -> None:
             del module._parameters[name]
         managed = [name for name, slot in order if slot is not None]
         if managed:  # (refuses reading or deleting them there, with what to do instead)
-            params = ManagedParameters(module._parameters.items(), type(module).__name__, managed)
+            params = ManagedParameters(
+                module._parameters.items(), type(module).__name__, managed, order
+            )
             module.__dict__["_parameters"] = params
         for attr, _ in derived:  # the property computes it now; the stale list would shadow it
             del module.__dict__[attr]

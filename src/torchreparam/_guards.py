@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -96,15 +97,50 @@ class _Refused(ValueError, KeyError):
         return str(self.args[0])
 
 
+_NAMED_MEMBERS = nn.Module._named_members.__code__
+_LAST_WALK = threading.local()  # (frame id, root id, core id, answer) of this thread's last walk
+
+
 class ManagedParameters(dict):
     """A managed module's ``_parameters``: a plain dict of the parameters outside ``flat_param``
     (iteration, ``in`` and ``get`` are dict's own), where reading or deleting the name of a
-    managed parameter is refused with what to do instead of a bare ``KeyError``."""
+    managed parameter is refused with what to do instead of a bare ``KeyError``.
 
-    def __init__(self, items: Iterable[tuple[str, Any]], owner: str, managed: Iterable[str]):
+    ``items()`` lists the managed parameters too (the leaves), in registration order, to one
+    reader: ``nn.Module.named_parameters()`` of a module that holds this tree but not its
+    wrapper (``nn.Sequential(net, head).parameters()``), as it would on a plain module. A walk
+    that passes through the wrapper lists ``flat_param`` there instead (an optimizer of
+    ``nn.Sequential(r, head).parameters()`` must not step each weight twice), and so does one
+    that starts at a module of the tree itself with ``recurse=False`` (DDP and FSDP collect
+    parameters that way, and must find ``flat_param`` alone)."""
+
+    def __init__(
+        self,
+        items: Iterable[tuple[str, Any]],
+        owner: str,
+        managed: Iterable[str],
+        order: Iterable[tuple[str, int | None]] = (),
+    ):
         super().__init__(items)
         self.owner = owner
         self.managed = frozenset(managed)
+        self.order = tuple(order)
+
+    def items(self) -> Any:
+        if not getattr(self, "order", ()) or torch.compiler.is_dynamo_compiling():
+            return dict.items(self)
+        walk = sys._getframe(2)  # (items <- named_parameters' lambda <- _named_members)
+        if walk.f_code is not _NAMED_MEMBERS:
+            return dict.items(self)
+        module = sys._getframe(1).f_locals.get("module")  # (the lambda's argument: the owner)
+        core = None if module is None else module.__dict__.get(CORE_KEY)
+        if core is None or module._parameters is not self or not _outside_the_wrapper(walk, core):
+            return dict.items(self)
+        return [
+            (name, dict.__getitem__(self, name) if slot is None else core.leaf(slot))
+            for name, slot in self.order
+            if slot is not None or dict.__contains__(self, name)
+        ]
 
     def _refuse(self, key: object, operation: str) -> None:
         if key in self.managed:
@@ -125,6 +161,24 @@ class ManagedParameters(dict):
         if not dict.__contains__(self, key):
             self._refuse(key, "deleting")
         dict.__delitem__(self, key)
+
+
+def _outside_the_wrapper(walk: Any, core: Any) -> bool:
+    """Whether the parameter walk ``walk`` (a frame of ``nn.Module._named_members``) starts at
+    a module outside the tree of ``core`` whose submodules do not include the wrapper."""
+    root = walk.f_locals.get("self")
+    key = (id(walk), id(root), id(core))
+    last = getattr(_LAST_WALK, "value", None)
+    if last is not None and last[:3] == key:
+        return last[3]  # type: ignore[no-any-return]
+    holder = core._holder()
+    answer = (
+        isinstance(root, nn.Module)
+        and CORE_KEY not in root.__dict__
+        and (holder is None or all(m is not holder for m in root.modules()))
+    )
+    _LAST_WALK.value = (*key, answer)
+    return answer
 
 
 _CHANGERS = {  # code -> (name, what to do)
