@@ -133,8 +133,10 @@ class ManagedParameters(dict):
         if walk.f_code is not _NAMED_MEMBERS:
             return dict.items(self)
         module = sys._getframe(1).f_locals.get("module")  # (the lambda's argument: the owner)
-        core = None if module is None else module.__dict__.get(CORE_KEY)
-        if core is None or module._parameters is not self or not _outside_the_wrapper(walk, core):
+        if not isinstance(module, nn.Module) or module._parameters is not self:
+            return dict.items(self)
+        core = module.__dict__.get(CORE_KEY)
+        if core is None or not _outside_the_wrapper(walk, core):
             return dict.items(self)
         return [
             (name, dict.__getitem__(self, name) if slot is None else core.leaf(slot))
@@ -170,7 +172,7 @@ def _outside_the_wrapper(walk: Any, core: Any) -> bool:
     key = (id(walk), id(root), id(core))
     last = getattr(_LAST_WALK, "value", None)
     if last is not None and last[:3] == key:
-        return last[3]  # type: ignore[no-any-return]
+        return bool(last[3])
     holder = core._holder()
     answer = (
         isinstance(root, nn.Module)

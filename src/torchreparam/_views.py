@@ -191,7 +191,7 @@ class ViewMaker:
         """Views of ``flat_param`` whose gradient also reaches ``leaves`` when a backward pass
         asks for theirs (see :class:`_OwnUnflatten`); the fast path's, else :meth:`__call__`."""
         if flat.requires_grad and torch.is_grad_enabled() and self.fast_path_ok(flat):
-            return self.apply_own(flat, self.refs, *leaves)  # type: ignore[no-any-return]
+            return self.apply_own(flat, self.refs, *leaves)  # type: ignore[no-any-return,unused-ignore]
         return self(flat)
 
     def rows(self, flats: Tensor) -> tuple[Tensor, ...]:
