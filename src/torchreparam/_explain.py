@@ -34,8 +34,11 @@ def explain_population(
 
     Args:
         r: the wrapper.
-        *inputs, buffers, in_dims, **kwargs: as for the call.
+        *inputs: as for the call.
         flat_param: ``(population, num_params)``.
+        buffers: as for the call.
+        in_dims: as for the call.
+        **kwargs: as for the call.
 
     Returns:
         several lines of text.
