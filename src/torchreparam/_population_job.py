@@ -22,8 +22,9 @@ from torch.utils._pytree import (
 )
 
 from ._batched import Plan, run
-from ._batched_graph import GraphPlan, run_graph
+from ._batched_graph import GraphPlan
 from ._batched_rules import Stacked
+from ._batched_run import run_graph
 from ._call import call, write_back
 from ._inject import Core, call_bound
 
