@@ -109,13 +109,16 @@ def _lost_gradient(calls: list[_Call], threads: int = 4, passes: int = 3) -> boo
 
 
 def test_concurrent_backward_passes_through_the_module_and_the_wrapper_lose_nothing() -> None:
-    # Some passes through the unwrapped module, some through the wrapper: flat_param.grad (and
-    # each leaf's .grad, its views) must be the sum of every pass, as on a plain module. (When gradients through the module were
+    # Passes through the unwrapped module, the wrapper, submodules called on their own, and
+    # weights used in the test's own code: flat_param.grad (and each leaf's .grad, its views)
+    # must be the sum of every pass, as on a plain module. (When gradients through the module were
     # accumulated through the leaves, 10 to 23 of 100 such trials lost part of a gradient:
     # the leaves and flat_param were accumulated under two different locks.)
     calls: list[_Call] = [
         lambda m, r, x: m(x),
         lambda m, r, x: (r if r is not None else m)(x),
+        lambda m, r, x: m[4](m[3](m[2](m[1](m[0](x))))),  # submodules called on their own
+        lambda m, r, x: m[2:](torch.nn.functional.linear(x, m[0].weight, m[0].bias).tanh()),
     ]
     torch.manual_seed(0)
     before = torch.get_num_threads()

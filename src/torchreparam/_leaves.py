@@ -43,6 +43,7 @@ _DATA_PTR = torch._C.TensorBase.data_ptr  # (C-level reads: a subclass's attribu
 _DTYPE = vars(torch._C.TensorBase)["dtype"].__get__
 _REQUIRES_GRAD = vars(torch._C.TensorBase)["requires_grad"].__get__
 _OWNER = "_torchreparam_owner"  # on a leaf: (weak reference to its Leaves, slot)
+_WINDOW_TIMEOUT = 120.0  # seconds (a holder that raised between its hooks never lets go)
 
 
 def _owner(leaf: Tensor) -> tuple[Leaves, int] | None:
@@ -119,6 +120,7 @@ class Leaves:
         self.handles: list[Any] = []
         self.ref = weakref.ref(self)  # hooks hold it weakly: no cycle through the tensors
         self.lock = threading.RLock()
+        self.window = threading.Lock()  # one accumulation into flat_param.grad at a time
         self.hint = 0  # where the last search for a leaf holding its view of the grad ended
         self.unhooked = set()  # frozen leaves: hooked when they are unfrozen (see leaf())
         for i, leaf in enumerate(self.params):
@@ -229,6 +231,31 @@ class Leaves:
         return any(_REQUIRES_GRAD(leaf) is not want for leaf in self.params)
 
     # ---- gradients --------------------------------------------------------------------------
+    # Torch serializes the accumulation of each tensor under a lock of its own, and a leaf's
+    # ``.grad`` is a view of ``flat_param.grad``: a gradient that reaches a leaf itself (a weight
+    # used outside a call of the module) is written into the memory that ``flat_param``'s
+    # accumulation writes, under another lock. So every accumulation into that memory, through
+    # ``flat_param`` or a leaf, runs in a window that one thread holds at a time: from the
+    # tensor's gradient hook (just before torch accumulates) to its post-accumulate hook (just
+    # after), both run by the thread that accumulates.
+    def enter(self) -> None:
+        held = _HELD.__dict__.setdefault("ids", set())
+        if id(self) in held:
+            return
+        if not self.window.acquire(timeout=_WINDOW_TIMEOUT):
+            raise RuntimeError(
+                "torchreparam: a gradient accumulation into flat_param.grad waited "
+                f"{_WINDOW_TIMEOUT:.0f} s for another thread's to end: that backward pass "
+                "raised between its gradient hooks (see its exception)"
+            )
+        held.add(id(self))
+
+    def leave(self) -> None:
+        held = getattr(_HELD, "ids", None)
+        if held and id(self) in held:
+            held.discard(id(self))
+            self.window.release()
+
     def reset(self, slot: int) -> None:
         """``leaf.grad = None``: if the leaf held its view of ``flat_param.grad``, that slice is
         reset too (zeroed; ``flat_param.grad`` is set to ``None`` with the last view), as a
@@ -321,11 +348,25 @@ class Leaves:
             _GRAD.__set__(leaf, view)
 
 
-def _relay(ref: Any, method: str, slot: int | None, arg: Tensor) -> None:
+_BEFORE = frozenset({"before_flat", "before_leaf"})
+_HELD = threading.local()  # the ids of the Leaves whose accumulation window this thread holds
+
+
+def _relay(ref: Any, method: str, slot: int | None, arg: Tensor | None) -> None:
     leaves = ref()
-    if leaves is not None:
+    if leaves is None:
+        return
+    if method in _BEFORE:
+        if arg is not None:  # (an undefined gradient is not accumulated: nothing is written)
+            leaves.enter()  # (before self.lock: the window's holder takes self.lock in after_*)
         with leaves.lock:  # backward passes of several threads: one hook body at a time
             getattr(leaves, method)(slot, arg)
+        return
+    try:
+        with leaves.lock:
+            getattr(leaves, method)(slot, arg)
+    finally:
+        leaves.leave()
 
 
 def _aliases(leaf: Tensor, data: Tensor, offset: int) -> bool:
