@@ -9,7 +9,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .peers import FUNC_FLAT, HIGHER, ORIGINAL, OURS
+from .maml import TORCHOPT_FUNC, TORCHOPT_META
+from .peers import FUNC_FLAT, HIGHER, ORIGINAL, OURS, TORCHOPT
 from .population import OURS_POP
 from .report import Section, Table, md_table
 from .unroll import CKPT as UNROLL_CKPT
@@ -22,7 +23,8 @@ __all__ = ["in_short", "slug"]
 FUNC_VMAP = "vmap over functional_call, dict from the flat vector"
 ORIGINAL_VMAP = "vmap over the original torchreparam"
 MAML_BEST = "torch.func: functional_call, per-tensor dict, torch._foreach_add"
-COLUMNS = ("torchreparam", "functional_call", "higher", "original torchreparam")
+COLUMNS = ("torchreparam", "functional_call", "higher", "torchopt", "original torchreparam")
+Cells = tuple[str, str, str, str, str]  # one per column
 
 
 def slug(title: str) -> str:
@@ -42,7 +44,9 @@ def _number(cell: str | None) -> float | None:
 
 
 def _ratio(table: Table, row: str) -> str:
-    return _cell(table, row, 2) or "—"
+    """The row's paired ratio; — where the row is absent or has none (skipped, failed)."""
+    cell = _cell(table, row, 2) or ""
+    return cell if re.fullmatch(r"-?[\d.]+x", cell) else "—"
 
 
 def _speedup(table: Table, row: str) -> str:
@@ -63,35 +67,60 @@ class Line:
     what: str
     starts: str
     has: str
-    cells: Callable[[Table], tuple[str, str, str, str]]
+    cells: Callable[[Table], Cells]
 
 
-def _times(t: Table) -> tuple[str, str, str, str]:
-    return _ratio(t, OURS), _ratio(t, FUNC_FLAT), _ratio(t, HIGHER), _ratio(t, ORIGINAL)
+def _times(t: Table) -> Cells:
+    return (
+        _ratio(t, OURS),
+        _ratio(t, FUNC_FLAT),
+        _ratio(t, HIGHER),
+        _ratio(t, TORCHOPT),
+        _ratio(t, ORIGINAL),
+    )
 
 
-def _slopes(t: Table) -> tuple[str, str, str, str]:
+def _slopes(t: Table) -> Cells:
     return (
         _cell(t, OURS, 4) or "—",
         _cell(t, FUNC_FLAT, 4) or "—",
+        "—",
         "—",
         _cell(t, ORIGINAL, 4) or "—",
     )
 
 
-def _maml(t: Table) -> tuple[str, str, str, str]:
-    return _ratio(t, OURS), "1.00x (the baseline)", _ratio(t, HIGHER), _ratio(t, ORIGINAL)
+def _torchopt_maml(t: Table) -> str:
+    """The faster of torchopt's two MAML recipes, named (its MetaSGD one on a tie)."""
+    recipes = {TORCHOPT_META: "MetaSGD", TORCHOPT_FUNC: "functional sgd"}
+    timed = [(_ratio(t, row), name) for row, name in recipes.items()]
+    timed = [(cell, name) for cell, name in timed if cell != "—"]
+    if not timed:
+        return "—"
+    cell, name = min(timed, key=lambda found: float(found[0].rstrip("x")))
+    return f"{cell} ({name})"
 
 
-def _population(t: Table) -> tuple[str, str, str, str]:
-    return _speedup(t, OURS_POP), _speedup(t, FUNC_VMAP), "—", _speedup(t, ORIGINAL_VMAP)
+def _maml(t: Table) -> Cells:
+    return (
+        _ratio(t, OURS),
+        "1.00x (the baseline)",
+        _ratio(t, HIGHER),
+        _torchopt_maml(t),
+        _ratio(t, ORIGINAL),
+    )
 
 
-def _memory(t: Table) -> tuple[str, str, str, str]:
-    return _cell(t, "torchreparam", 2) or "—", "—", "—", _cell(t, "original torchreparam", 2) or "—"
+def _population(t: Table) -> Cells:
+    return _speedup(t, OURS_POP), _speedup(t, FUNC_VMAP), "—", "—", _speedup(t, ORIGINAL_VMAP)
 
 
-def _unroll_memory(t: Table) -> tuple[str, str, str, str]:
+def _memory(t: Table) -> Cells:
+    ours, original = (_cell(t, row, 2) or "—" for row in ("torchreparam", "original torchreparam"))
+    return ours, "—", "—", "—", original
+
+
+def _unroll_memory(t: Table) -> Cells:
     """Growth of peak memory over the table's range of K: our exact checkpoint mode, the
     peers' full unrolls."""
 
@@ -99,7 +128,7 @@ def _unroll_memory(t: Table) -> tuple[str, str, str, str]:
         cell = _cell(t, row, len(t.headers) - 1)
         return f"{cell} MB" if cell else "—"
 
-    return growth(UNROLL_CKPT), growth(UNROLL_FUNC), growth(UNROLL_HIGHER), growth(UNROLL_ORIG)
+    return growth(UNROLL_CKPT), growth(UNROLL_FUNC), growth(UNROLL_HIGHER), "—", growth(UNROLL_ORIG)
 
 
 LINES = (
