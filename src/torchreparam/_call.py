@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ _grad_enabled = torch.is_grad_enabled
 
 def resolve(
     core: Core, flat_param: Tensor | None, buffers: Any, *, lazy_own: bool = False
-) -> tuple[tuple[Tensor, ...] | None, list[Tensor] | None, bool]:
+) -> tuple[Sequence[Tensor] | None, list[Tensor] | None, bool]:
     """Validate ``flat_param`` (one vector) and ``buffers``; return what to bind and whether
     checkpoint recomputation must be guarded (a caller's vector while autograd records).
 
@@ -32,7 +32,7 @@ def resolve(
     outer = innermost(core) if flat_param is None or buffers is None else None
     if flat_param is None:
         if outer is not None:
-            params, guard = outer[1], outer[4]
+            params, guard = outer.params, outer.guard
         else:
             params, guard = (None if lazy_own else core.own_params()), False
     else:
@@ -55,7 +55,7 @@ def resolve(
         params = core.views(flat_param)
         guard = _grad_enabled()
     if buffers is None:
-        bufs = outer[2] if outer is not None else None
+        bufs = outer.buffers if outer is not None else None
     else:
         bufs = check_buffers(buffers, core.buffer_names, core.own_buffers())
     return params, bufs, guard

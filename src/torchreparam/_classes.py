@@ -83,7 +83,7 @@ def _compiled_param(core: Core, slot: int) -> Tensor:
     """While dynamo traces: the innermost binding (on this thread's chain: see
     ``_inject.current``), else the own views; the recomputation guard is eager-only."""
     binding = innermost(core)
-    params = None if binding is None else binding[1]
+    params = None if binding is None else binding.params
     return params[slot] if params is not None else core.own_views()[slot]
 
 
@@ -94,15 +94,15 @@ def _param_property(name: str, slot: int) -> property:
             return _compiled_param(core, slot)
         chain = binding = _active()  # the hot path: inlined innermost(core)
         top = CHAIN.top
-        if top is not binding and top is not None and top[5]:
+        if top is not binding and top is not None and top.traced:
             chain = binding = top  # made by compiled code: see _inject.current
         while binding is not None:
-            if binding[0] is core:
-                if binding[4]:  # a caller's vector while autograd records
+            if binding.core is core:
+                if binding.guard:  # a caller's vector while autograd records
                     guard_recomputation(chain, run_in, _CALL_CODE)
-                params = binding[1]  # None: the module's own, as they are now
+                params = binding.params  # None: the module's own, as they are now
                 return params[slot] if params is not None else core.leaf(slot)
-            binding = binding[3]
+            binding = binding.outer
         return core.leaf(slot)  # not bound: the module's own parameter (a leaf)
 
     fget.__name__ = name
@@ -129,7 +129,7 @@ def _own_forward(base_forward: Callable[..., Any]) -> Callable[..., Any]:
             return base_forward(self, *args, **kwargs)
         core: Core = self.__dict__[CORE_KEY]
         binding = _active()
-        if binding is not None and binding[0] is core and CHAIN.top is binding:
+        if binding is not None and binding.core is core and CHAIN.top is binding:
             return base_forward(self, *args, **kwargs)  # (the hot path: inside the tree's call)
         if core.writes or tracing() or innermost(core) is not None:
             return base_forward(self, *args, **kwargs)
@@ -146,7 +146,7 @@ def _writable_param_property(name: str, slot: int) -> property:
         if _is_dynamo():
             return _compiled_param(core, slot)
         binding = innermost(core)
-        params = None if binding is None else binding[1]
+        params = None if binding is None else binding.params
         if params is None or params is core.cached_views():
             return core.writable_view(slot)  # the module's own: written in place, as plain
         if type(params) is Writable:

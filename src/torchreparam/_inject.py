@@ -23,9 +23,9 @@ import contextvars
 import dataclasses
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -51,14 +51,27 @@ __all__ = [
 CORE_KEY = "_torchreparam_core"
 
 
-# A binding is ``(core, params, buffers, outer, guard, traced)``: the tensors one call (or
-# ``with`` block) puts into one module tree, linked to the binding it shadows; ``guard`` is set
-# when the params are a caller's vector bound while autograd records (checkpoint recomputation
-# must see them); ``traced`` when the binding was made by code that dynamo traced.
-# Tuples: the getters read them on every attribute access; nothing is cheaper to build and index.
-_Binding = tuple  # (Core, tuple[Tensor, ...], list[Tensor] | None, _Binding | None, bool, bool)
+class Binding(NamedTuple):
+    """The tensors one call (or ``with`` block) puts into one module tree, linked to the binding
+    it shadows. The getters read it on every attribute access: a tuple, built at C speed by
+    :func:`_binding` on the eager paths."""
 
-_ACTIVE: contextvars.ContextVar[_Binding | None] = contextvars.ContextVar(
+    core: Core
+    params: Sequence[Tensor] | None  # None: the module's own, read at each access
+    buffers: list[Tensor] | None  # None: the module's own (or the outer binding's)
+    outer: Binding | None  # the binding this one shadows (of this tree or another)
+    guard: bool  # a caller's vector bound while autograd records (recomputation must see it)
+    traced: bool  # made by code that dynamo traced (kept on the thread's chain only)
+
+
+_new_tuple = tuple.__new__
+
+
+def _binding(*fields: Any) -> Binding:
+    return _new_tuple(Binding, fields)
+
+
+_ACTIVE: contextvars.ContextVar[Binding | None] = contextvars.ContextVar(
     "torchreparam_active", default=None
 )
 _active = _ACTIVE.get
@@ -73,19 +86,19 @@ class _Chain(threading.local):
     """This thread's innermost binding, eager or traced (what compiled code reads)."""
 
     def __init__(self) -> None:  # run in every thread on its first access
-        self.top: _Binding | None = None  # an instance attribute: dynamo guards on the dict
+        self.top: Binding | None = None  # an instance attribute: dynamo guards on the dict
 
 
 CHAIN = _Chain()
 
 
-def current() -> _Binding | None:
+def current() -> Binding | None:
     """The innermost binding this code should see (the head of the chain to search)."""
     if _is_dynamo():
         return CHAIN.top
     chain = _active()
     top = CHAIN.top
-    if top is not chain and top is not None and top[5]:
+    if top is not chain and top is not None and top.traced:
         return top  # made by compiled code (its graph broke here, or it called eager code)
     return chain
 
@@ -103,11 +116,11 @@ def buffer_site(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return root.get_submodule(owner), local
 
 
-def innermost(core: Core) -> _Binding | None:
+def innermost(core: Core) -> Binding | None:
     """This thread's innermost binding of ``core``'s tree, if any."""
     binding = current()
-    while binding is not None and binding[0] is not core:
-        binding = binding[3]
+    while binding is not None and binding.core is not core:
+        binding = binding.outer
     return binding
 
 
@@ -283,27 +296,27 @@ class Core:
     def bound_buffers(self) -> list[Tensor] | None:
         """The buffers bound by the innermost binding of this tree, if it bound any."""
         binding = innermost(self)
-        return binding[2] if binding is not None else None
+        return binding.buffers if binding is not None else None
 
 
 @contextmanager
 def bind(
     core: Core,
-    params: tuple[Tensor, ...] | None,
+    params: Sequence[Tensor] | None,
     buffers: list[Tensor] | None,
     guard: bool = False,
 ) -> Iterator[None]:
     """Within the block, this thread's calls of the tree see ``params`` and ``buffers``."""
     if _is_dynamo():
         outer = CHAIN.top
-        CHAIN.top = (core, params, buffers, outer, False, True)
+        CHAIN.top = Binding(core, params, buffers, outer, False, True)
         try:
             yield
         finally:
             CHAIN.top = outer
         return
     top = CHAIN.top
-    binding = (core, params, buffers, current(), guard, False)
+    binding = _binding(core, params, buffers, current(), guard, False)
     token = _ACTIVE.set(binding)
     CHAIN.top = binding
     try:
@@ -312,12 +325,12 @@ def bind(
         _ACTIVE.reset(token)
         # A block may span an ``await``, and asyncio tasks interleave their exits: restore this
         # task's own chain (the one entered from), unless that was made by compiled code.
-        CHAIN.top = top if top is not None and top[5] else _active()
+        CHAIN.top = top if top is not None and top.traced else _active()
 
 
 def call_bound(
     core: Core,
-    params: tuple[Tensor, ...] | None,
+    params: Sequence[Tensor] | None,
     buffers: list[Tensor] | None,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
@@ -330,8 +343,8 @@ def call_bound(
             return fn(*args, **kwargs)
     chain = _active()  # (current(), inlined: this runs on every call, and reads top anyway)
     top = CHAIN.top
-    outer = top if top is not chain and top is not None and top[5] else chain
-    binding = (core, params, buffers, outer, guard, False)
+    outer = top if top is not chain and top is not None and top.traced else chain
+    binding = _binding(core, params, buffers, outer, guard, False)
     token = _ACTIVE.set(binding)
     CHAIN.top = binding
     try:
@@ -341,7 +354,7 @@ def call_bound(
         _ACTIVE.reset(token)
 
 
-def run_in(chain: _Binding | None, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+def run_in(chain: Binding | None, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     """``fn(*args)`` with the bindings ``chain`` active (checkpoint recomputation)."""
     top = CHAIN.top
     token = _ACTIVE.set(chain)
@@ -361,7 +374,7 @@ class _Swapped(list):
 
     base: tuple[Tensor, ...]  # each slot as it read before the first swap
     swaps: list[tuple[int, str, int, Tensor, Tensor]]  # (module id, name, slot, tensor, previous)
-    saved: tuple[_Binding | None, _Binding | None]  # (_ACTIVE, CHAIN.top) before it
+    saved: tuple[Binding | None, Binding | None]  # (_ACTIVE, CHAIN.top) before it
 
 
 @torch._dynamo.disable  # (run as it is, never compiled as a frame of its own)
@@ -387,39 +400,38 @@ def swap(
     tied entry must then be given one tensor under all its names.
     """
     binding = innermost(core)
-    params = None if binding is None else binding[1]
+    bound = None if binding is None else binding.params
     key = id(module)
-    if type(params) is _Swapped:
-        for i in range(len(params.swaps) - 1, -1, -1):  # putting back what a swap replaced
-            k, n, _, _, replaced = params.swaps[i]
+    if isinstance(bound, _Swapped):
+        for i in range(len(bound.swaps) - 1, -1, -1):  # putting back what a swap replaced
+            k, n, _, _, replaced = bound.swaps[i]
             if k == key and n == name and _same_tensor(replaced, value):
-                del params.swaps[i]
-                _settle(params, slot, binding)
+                del bound.swaps[i]
+                _settle(bound, slot, binding)
                 return
     if given is not None:
         _check_tied(core.layout.entries[slot], value, *given)
-    if type(params) is not _Swapped:
-        if params is None:  # the module's own, as its attributes read them: the leaves
-            params = tuple(core.leaf(i) for i in range(len(core.layout.entries)))
-        own = params
+    if isinstance(bound, _Swapped):
+        swapped = bound
+    else:  # (None: the module's own, as its attributes read them: the leaves)
+        own = bound if bound is not None else tuple(map(core.leaf, range(len(core.layout))))
         swapped = _Swapped(own)
         swapped.base, swapped.swaps = tuple(own), []
         swapped.saved = (_active(), CHAIN.top)
-        buffers = None if binding is None else binding[2]
-        guard = False if binding is None else binding[4]
-        binding = (core, swapped, buffers, current(), guard, False)
+        buffers = None if binding is None else binding.buffers
+        guard = False if binding is None else binding.guard
+        binding = _binding(core, swapped, buffers, current(), guard, False)
         _ACTIVE.set(binding)
         CHAIN.top = binding
-        params = swapped
-    for k, n, s, tensor, _ in params.swaps:
+    for k, n, s, tensor, _ in swapped.swaps:
         if s == slot and tensor is not value and (k, n) != (key, name):
             raise ValueError(
                 f"functional_call given two tensors for the tied names of "
                 f"{core.layout.entries[slot].name!r}: a wrapped model holds tied weights "
                 "once; give them one tensor (tie_weights=True, the default, does)"
             )
-    params.swaps.append((key, name, slot, value, previous))
-    _settle(params, slot, binding)
+    swapped.swaps.append((key, name, slot, value, previous))
+    _settle(swapped, slot, binding)
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
@@ -437,7 +449,7 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
         return False
 
 
-def _settle(params: _Swapped, slot: int, binding: _Binding | None) -> None:
+def _settle(params: _Swapped, slot: int, binding: Binding | None) -> None:
     """``slot`` reads its latest swap still in effect; the binding ends with the last."""
     last = [s[3] for s in params.swaps if s[2] == slot]
     params[slot] = last[-1] if last else params.base[slot]
