@@ -14,7 +14,7 @@ import functools
 import sys
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -69,13 +69,21 @@ def _swapped_by_torch() -> tuple[str, dict[str, Any]] | bool | None:
     return None
 
 
-# key: (base class, param order as ((name, slot or None), ...), buffers as ((name, slot), ...),
-# whether the module is the root of the managed tree, whether it writes its weights in place,
-# derived lists as ((attribute, (parameter name or None, ...)), ...))
 _Derived = tuple[tuple[str, tuple[str | None, ...]], ...]
-_Spec = tuple[
-    type, tuple[tuple[str, int | None], ...], tuple[tuple[str, int], ...], bool, bool, _Derived
-]
+
+
+class Spec(NamedTuple):
+    """What a generated class is made from (and cached by: equal specs share one class)."""
+
+    base: type[nn.Module]  # the module's own class
+    order: tuple[tuple[str, int | None], ...]  # its parameters: (name, slot in flat_param or None)
+    buffers: tuple[tuple[str, int], ...]  # its buffers: (name, slot among the tree's buffers)
+    is_root: bool  # the root of the wrapped tree
+    writes: bool  # writes its weights in place in forward (WRITES_WEIGHTS)
+    derived: _Derived  # lists derived from parameters: ((attribute, (name or None, ...)), ...)
+
+
+_Spec = Spec
 _CLASSES: weakref.WeakValueDictionary[_Spec, type] = weakref.WeakValueDictionary()
 
 
@@ -267,7 +275,7 @@ def _metaclass(meta: type) -> type:
     if made is None:
 
         def __call__(cls: type, *args: Any, **kwargs: Any) -> Any:
-            return cls._torchreparam_spec[0](*args, **kwargs)  # type: ignore[attr-defined]
+            return cls._torchreparam_spec.base(*args, **kwargs)  # type: ignore[attr-defined]
 
         made = _METACLASSES[meta] = type(f"Managed{meta.__name__}", (meta,), {"__call__": __call__})
     return made
@@ -275,7 +283,7 @@ def _metaclass(meta: type) -> type:
 
 def _rebuild(spec: _Spec) -> nn.Module:
     """Unpickling: a bare instance of the generated class for ``spec``."""
-    return object.__new__(managed_class(spec))
+    return object.__new__(managed_class(Spec(*spec)))
 
 
 def managed_class(spec: _Spec) -> type:
@@ -287,211 +295,251 @@ def managed_class(spec: _Spec) -> type:
     return cls
 
 
-def _make_class(spec: _Spec) -> type:
-    base: type[nn.Module]
-    base, order, buffers, is_root, writes, derived = spec
-    managed = {name: slot for name, slot in order if slot is not None}
-    buffer_slots = dict(buffers)
-    base_copy = getattr(base, "__deepcopy__", None)
+# ---- the generated classes' methods -----------------------------------------------------
+# Each reads what its class was made from: ``_torchreparam_spec`` (a :class:`Spec`) and the two
+# lookups derived from it, ``_torchreparam_managed`` (parameter name -> slot in flat_param)
+# and ``_torchreparam_buffers`` (buffer name -> slot among the tree's buffers).
 
-    def __setattr__(self: nn.Module, name: str, value: Any) -> None:
-        if name in managed:
-            by_torch = isinstance(value, Tensor) and _swapped_by_torch()
-            if by_torch is not False:  # torch.func.functional_call: bound in this thread only
-                previous = getattr(self, name)
-                swap(self.__dict__[CORE_KEY], self, name, managed[name], value, previous, by_torch)
-                return
-            if value is getattr(self, name):
-                return  # the same parameter again (Hugging Face's tie_weights on tied weights)
-            if _is_dynamo():
-                raise ValueError(
-                    f"assigning {name!r} of {base.__name__} in code that torch.compile traces "
-                    "(torch.func.functional_call of the unwrapped module, for one): its values "
-                    "live in flat_param; call the wrapper with flat_param=... instead, or call "
-                    "functional_call outside the compiled function"
-                )
-            raise AttributeError(
-                f"cannot assign to {name!r} of {base.__name__}: its values live in the flat "
-                "parameter managed by torchreparam; write into it in place (with torch.no_grad(): "
-                f"module.{name}.copy_(value)), load a state dict, or call the wrapper with "
-                "flat_param=..."
-            )
-        if name in buffer_slots:
-            bound = self.__dict__[CORE_KEY].bound_buffers()
-            # (a DataParallel replica's own copies, set by replicate(), are never rebound)
-            if bound is not None and not self.__dict__.get("_is_replica"):  # rebind instead
-                bound[buffer_slots[name]] = value
-                return
-        if isinstance(value, nn.Module) or name in self.__dict__.get("_modules", ()):
-            check_child(self, name, value, "assigning")
-        elif isinstance(value, nn.Parameter) and name not in self._parameters:
-            check_new_tensor(self, name, "parameter")
-        base.__setattr__(self, name, value)
 
-    def __delattr__(self: nn.Module, name: str) -> None:
-        if name in self._modules:
-            check_child(self, name, None, "deleting")
-        if name in managed:
-            raise AttributeError(
-                f"cannot delete {name!r} of {base.__name__}: its values live in flat_param "
-                "(the layout of a wrapped model is fixed); change the model before wrapping"
-            )
-        base.__delattr__(self, name)
+def _spec(module: nn.Module) -> Spec:
+    return type(module)._torchreparam_spec  # type: ignore[attr-defined,no-any-return,unused-ignore]
 
-    def add_module(self: nn.Module, name: str, module: nn.Module | None) -> None:
-        check_child(self, name, module, "adding")
-        base.add_module(self, name, module)
 
-    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if name not in self._parameters:
-            check_new_tensor(self, name, "parameter")
-        base.register_parameter(self, name, param)
-
-    def register_buffer(
-        self: nn.Module, name: str, tensor: Tensor | None, persistent: bool = True
-    ) -> None:
-        if name not in self._buffers:
-            check_new_tensor(self, name, "buffer")
-        base.register_buffer(self, name, tensor, persistent)
-
-    def zero_grad(self: nn.Module, set_to_none: bool = True) -> None:
-        base.zero_grad(self, set_to_none)  # (the leaves' grads: views of flat_param.grad)
-        if is_root:  # flat_param's own gradient too, as nn.Module.zero_grad treats a parameter
-            nn.Module.zero_grad(self.__dict__[CORE_KEY].holder, set_to_none)
-
-    def __deepcopy__(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
-        core = self.__dict__[CORE_KEY]
-        holder = core._holder()  # (a copy of the wrapper copies the tree: it is in memo then)
-        in_tree = memo.get(TREE_COPY) or id(core) in memo or id(holder) in memo  # type: ignore[call-overload,unused-ignore]
-        if not in_tree:  # the unwrapped module, or one submodule: a plain module, its weights
-            return plain_copy(self, memo)
-        memo[TREE_COPY] = True  # type: ignore[index,unused-ignore]
-        if base_copy is not None:  # (parametrized classes define their own)
-            return base_copy(self, memo)
-        return copy._reconstruct(self, memo, *__reduce_ex__(self, 4))  # type: ignore[attr-defined]
-
-    def __reduce_ex__(self: nn.Module, protocol: Any) -> tuple[Any, ...]:
-        return (_rebuild, (spec,), self.__getstate__())
-
-    def _save_to_state_dict(
-        self: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool
-    ) -> None:
-        core = self.__dict__[CORE_KEY]
-        own = core.own_params()  # (leaves given new storage are copied back first)
-        if keep_vars and core.leaves is not None:  # the parameters themselves, as plain torch
-            own = tuple(core.leaf(slot) for slot in range(len(own)))
-        rest: dict[str, Any] = {}
-        base._save_to_state_dict(self, rest, prefix, keep_vars)
-        for name, slot in order:  # parameters first, in their registration order
-            key = prefix + name
-            if slot is not None:
-                destination[key] = own[slot] if keep_vars else own[slot].detach()
-            elif key in rest:
-                destination[key] = rest.pop(key)
-        destination.update(rest)
-
-    def _load_from_state_dict(
-        self: nn.Module,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        core = self.__dict__[CORE_KEY]
-        if is_root and core.flat().is_meta and local_metadata.get("assign_to_params_buffers"):
-            _materialize(core, state_dict, prefix)
-        keys = {prefix + name: slot for name, slot in managed.items()}
-        others = {k: v for k, v in state_dict.items() if k not in keys}
-        start = len(missing_keys)
-        base._load_from_state_dict(
-            self, others, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        flat = core.flat().detach()  # copied into directly: no views to rebuild per key
-        for key, slot in keys.items():
-            if key not in state_dict:
-                if strict and not core.loading_flat:
-                    missing_keys.append(key)
-                continue
-            value, entry = state_dict[key], core.layout.entries[slot]
-            if not isinstance(value, Tensor) or tuple(value.shape) != entry.shape:
-                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                error_msgs.append(
-                    f"size mismatch for {key}: copying a param with shape {shape} from "
-                    f"checkpoint, the shape in current model is {entry.shape}."
-                )
-                continue
-            with torch.no_grad():
-                flat[entry.slice].copy_(value.reshape(-1))
-        _params_first(missing_keys, start, prefix, order)
-
-    def _apply(self: nn.Module, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
-        # ``module.double()`` on the unwrapped root converts flat_param too (it holds the data).
-        core = self.__dict__[CORE_KEY]
-        if not is_root and managed and not core.applying:
-            _check_conversion(self, fn, next(iter(managed)))
-        if not is_root or core.applying:
-            return base._apply(self, fn, recurse)
-        with core.converting():
-            core.holder._apply(fn, recurse=False)  # flat_param (its views follow)
-            base._apply(self, fn, recurse)
-        return self
-
-    def named_parameters(
-        self: nn.Module, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
-    ) -> Iterator[tuple[str, Tensor]]:
-        """The parameters as the module sees them: views of the bound flat vector.
-
-        Called on the unwrapped module (``next(net.parameters()).device`` works, as Hugging
-        Face's ``.device`` needs). The wrapper's own ``parameters()`` still yields only
-        ``flat_param``: it reads each submodule's ``_parameters``, not this method.
-        """
-        if not recurse:
-            # This module's registered parameters only, as nn.Module: torch's DDP and FSDP walk
-            # every submodule with recurse=False for the parameters they manage, which must be
-            # flat_param alone (they would otherwise try to own, and reassign, the views).
-            yield from nn.Module.named_parameters(self, prefix, recurse, remove_duplicate)
+def _setattr(self: nn.Module, name: str, value: Any) -> None:
+    cls = type(self)
+    base: type[nn.Module] = cls._torchreparam_spec.base  # type: ignore[attr-defined]
+    managed: dict[str, int] = cls._torchreparam_managed  # type: ignore[attr-defined]
+    if name in managed:
+        by_torch = isinstance(value, Tensor) and _swapped_by_torch()
+        if by_torch is not False:  # torch.func.functional_call: bound in this thread only
+            previous = getattr(self, name)
+            swap(self.__dict__[CORE_KEY], self, name, managed[name], value, previous, by_torch)
             return
-        modules = self.named_modules(prefix=prefix, remove_duplicate=remove_duplicate)
-        seen: set[int] = set()
-        for path, module in modules:
-            spec = getattr(type(module), "_torchreparam_spec", None)
-            names = [n for n, _ in spec[1]] if spec is not None else list(module._parameters)
-            for name in names:
-                value = getattr(module, name)
-                if value is None or (remove_duplicate and id(value) in seen):
-                    continue
-                seen.add(id(value))
-                yield (f"{path}.{name}" if path else name), value
+        if value is getattr(self, name):
+            return  # the same parameter again (Hugging Face's tie_weights on tied weights)
+        if _is_dynamo():
+            raise ValueError(
+                f"assigning {name!r} of {base.__name__} in code that torch.compile traces "
+                "(torch.func.functional_call of the unwrapped module, for one): its values "
+                "live in flat_param; call the wrapper with flat_param=... instead, or call "
+                "functional_call outside the compiled function"
+            )
+        raise AttributeError(
+            f"cannot assign to {name!r} of {base.__name__}: its values live in the flat "
+            "parameter managed by torchreparam; write into it in place (with torch.no_grad(): "
+            f"module.{name}.copy_(value)), load a state dict, or call the wrapper with "
+            "flat_param=..."
+        )
+    buffer_slots: dict[str, int] = cls._torchreparam_buffers  # type: ignore[attr-defined]
+    if name in buffer_slots:
+        bound = self.__dict__[CORE_KEY].bound_buffers()
+        # (a DataParallel replica's own copies, set by replicate(), are never rebound)
+        if bound is not None and not self.__dict__.get("_is_replica"):  # rebind instead
+            bound[buffer_slots[name]] = value
+            return
+    if isinstance(value, nn.Module) or name in self.__dict__.get("_modules", ()):
+        check_child(self, name, value, "assigning")
+    elif isinstance(value, nn.Parameter) and name not in self._parameters:
+        check_new_tensor(self, name, "parameter")
+    base.__setattr__(self, name, value)
 
+
+def _delattr(self: nn.Module, name: str) -> None:
+    base = _spec(self).base
+    if name in self._modules:
+        check_child(self, name, None, "deleting")
+    if name in type(self)._torchreparam_managed:  # type: ignore[attr-defined]
+        raise AttributeError(
+            f"cannot delete {name!r} of {base.__name__}: its values live in flat_param "
+            "(the layout of a wrapped model is fixed); change the model before wrapping"
+        )
+    base.__delattr__(self, name)
+
+
+def _add_module(self: nn.Module, name: str, module: nn.Module | None) -> None:
+    check_child(self, name, module, "adding")
+    _spec(self).base.add_module(self, name, module)
+
+
+def _register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    if name not in self._parameters:
+        check_new_tensor(self, name, "parameter")
+    _spec(self).base.register_parameter(self, name, param)
+
+
+def _register_buffer(
+    self: nn.Module, name: str, tensor: Tensor | None, persistent: bool = True
+) -> None:
+    if name not in self._buffers:
+        check_new_tensor(self, name, "buffer")
+    _spec(self).base.register_buffer(self, name, tensor, persistent)
+
+
+def _zero_grad(self: nn.Module, set_to_none: bool = True) -> None:
+    spec = _spec(self)
+    spec.base.zero_grad(self, set_to_none)  # (the leaves' grads: views of flat_param.grad)
+    if spec.is_root:  # flat_param's own gradient too, as nn.Module.zero_grad treats a parameter
+        nn.Module.zero_grad(self.__dict__[CORE_KEY].holder, set_to_none)
+
+
+def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    core = self.__dict__[CORE_KEY]
+    holder = core._holder()  # (a copy of the wrapper copies the tree: it is in memo then)
+    in_tree = memo.get(TREE_COPY) or id(core) in memo or id(holder) in memo  # type: ignore[call-overload,unused-ignore]
+    if not in_tree:  # the unwrapped module, or one submodule: a plain module, its weights
+        return plain_copy(self, memo)
+    memo[TREE_COPY] = True  # type: ignore[index,unused-ignore]
+    base_copy = getattr(_spec(self).base, "__deepcopy__", None)
+    if base_copy is not None:  # (parametrized classes define their own)
+        return base_copy(self, memo)  # type: ignore[no-any-return,unused-ignore]
+    return copy._reconstruct(self, memo, *_reduce_ex(self, 4))  # type: ignore[attr-defined,no-any-return,unused-ignore]
+
+
+def _reduce_ex(self: nn.Module, protocol: Any) -> tuple[Any, ...]:
+    return (_rebuild, (_spec(self),), self.__getstate__())
+
+
+def _save_to_state_dict(
+    self: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool
+) -> None:
+    core = self.__dict__[CORE_KEY]
+    own = core.own_params()  # (leaves given new storage are copied back first)
+    if keep_vars and core.leaves is not None:  # the parameters themselves, as plain torch
+        own = tuple(core.leaf(slot) for slot in range(len(own)))
+    rest: dict[str, Any] = {}
+    spec = _spec(self)
+    spec.base._save_to_state_dict(self, rest, prefix, keep_vars)
+    for name, slot in spec.order:  # parameters first, in their registration order
+        key = prefix + name
+        if slot is not None:
+            destination[key] = own[slot] if keep_vars else own[slot].detach()
+        elif key in rest:
+            destination[key] = rest.pop(key)
+    destination.update(rest)
+
+
+def _load_from_state_dict(
+    self: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    core = self.__dict__[CORE_KEY]
+    spec = _spec(self)
+    if spec.is_root and core.flat().is_meta and local_metadata.get("assign_to_params_buffers"):
+        _materialize(core, state_dict, prefix)
+    managed: dict[str, int] = type(self)._torchreparam_managed  # type: ignore[attr-defined]
+    keys = {prefix + name: slot for name, slot in managed.items()}
+    others = {k: v for k, v in state_dict.items() if k not in keys}
+    start = len(missing_keys)
+    spec.base._load_from_state_dict(
+        self, others, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    )
+    flat = core.flat().detach()  # copied into directly: no views to rebuild per key
+    for key, slot in keys.items():
+        if key not in state_dict:
+            if strict and not core.loading_flat:
+                missing_keys.append(key)
+            continue
+        value, entry = state_dict[key], core.layout.entries[slot]
+        if not isinstance(value, Tensor) or tuple(value.shape) != entry.shape:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            error_msgs.append(
+                f"size mismatch for {key}: copying a param with shape {shape} from "
+                f"checkpoint, the shape in current model is {entry.shape}."
+            )
+            continue
+        with torch.no_grad():
+            flat[entry.slice].copy_(value.reshape(-1))
+    _params_first(missing_keys, start, prefix, spec.order)
+
+
+def _apply(self: nn.Module, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+    # ``module.double()`` on the unwrapped root converts flat_param too (it holds the data).
+    core = self.__dict__[CORE_KEY]
+    spec = _spec(self)
+    managed = type(self)._torchreparam_managed  # type: ignore[attr-defined]
+    if not spec.is_root and managed and not core.applying:
+        _check_conversion(self, fn, next(iter(managed)))
+    if not spec.is_root or core.applying:
+        return spec.base._apply(self, fn, recurse)
+    with core.converting():
+        core.holder._apply(fn, recurse=False)  # flat_param (its views follow)
+        spec.base._apply(self, fn, recurse)
+    return self
+
+
+def _named_parameters(
+    self: nn.Module, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+) -> Iterator[tuple[str, Tensor]]:
+    """The parameters as the module sees them: views of the bound flat vector.
+
+    Called on the unwrapped module (``next(net.parameters()).device`` works, as Hugging
+    Face's ``.device`` needs). The wrapper's own ``parameters()`` still yields only
+    ``flat_param``: it reads each submodule's ``_parameters``, not this method.
+    """
+    if not recurse:
+        # This module's registered parameters only, as nn.Module: torch's DDP and FSDP walk
+        # every submodule with recurse=False for the parameters they manage, which must be
+        # flat_param alone (they would otherwise try to own, and reassign, the views).
+        yield from nn.Module.named_parameters(self, prefix, recurse, remove_duplicate)
+        return
+    modules = self.named_modules(prefix=prefix, remove_duplicate=remove_duplicate)
+    seen: set[int] = set()
+    for path, module in modules:
+        spec = getattr(type(module), "_torchreparam_spec", None)
+        names = [n for n, _ in spec.order] if spec is not None else list(module._parameters)
+        for name in names:
+            value = getattr(module, name)
+            if value is None or (remove_duplicate and id(value) in seen):
+                continue
+            seen.add(id(value))
+            yield (f"{path}.{name}" if path else name), value
+
+
+_METHODS: dict[str, Any] = {
+    "_apply": _apply,
+    "named_parameters": _named_parameters,
+    "__setattr__": _setattr,
+    "__delattr__": _delattr,
+    "add_module": _add_module,
+    "register_module": _add_module,
+    "register_parameter": _register_parameter,
+    "register_buffer": _register_buffer,
+    "zero_grad": _zero_grad,
+    "__deepcopy__": _deepcopy,
+    "__reduce_ex__": _reduce_ex,
+    "_save_to_state_dict": _save_to_state_dict,
+    "_load_from_state_dict": _load_from_state_dict,
+    "parametrizations": PARAMETRIZATIONS,
+}
+
+
+def _make_class(spec: _Spec) -> type:
+    """A subclass of ``spec.base`` with the methods above, and a property per managed
+    parameter and buffer name (and per derived list)."""
+    base = spec.base
+    managed = {name: slot for name, slot in spec.order if slot is not None}
     namespace: dict[str, Any] = {
-        "_apply": _apply,
-        "named_parameters": named_parameters,
-        "__setattr__": __setattr__,
-        "__delattr__": __delattr__,
-        "add_module": add_module,
-        "register_module": add_module,
-        "register_parameter": register_parameter,
-        "register_buffer": register_buffer,
-        "zero_grad": zero_grad,
-        "__deepcopy__": __deepcopy__,
-        "__reduce_ex__": __reduce_ex__,
-        "_save_to_state_dict": _save_to_state_dict,
-        "_load_from_state_dict": _load_from_state_dict,
+        **_METHODS,
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
         "_torchreparam_spec": spec,
-        "parametrizations": PARAMETRIZATIONS,
+        "_torchreparam_managed": managed,
+        "_torchreparam_buffers": dict(spec.buffers),
     }
-    if is_root and not writes:  # (the root only: a check in every submodule's call would cost
-        # every call about 0.3 us per module; a submodule called on its own reads the leaves)
+    if spec.is_root and not spec.writes:  # (the root only: a check in every submodule's call
+        # would cost every call about 0.3 us per module; a submodule called on its own reads
+        # the leaves)
         namespace["forward"] = _own_forward(base.forward)
-    make = _writable_param_property if writes else _param_property
+    make = _writable_param_property if spec.writes else _param_property
     namespace.update({name: make(name, slot) for name, slot in managed.items()})
-    namespace.update({name: _buffer_property(name, slot) for name, slot in buffers})
-    namespace.update({attr: _derived_property(attr, names) for attr, names in derived})
+    namespace.update({name: _buffer_property(name, slot) for name, slot in spec.buffers})
+    namespace.update({attr: _derived_property(attr, names) for attr, names in spec.derived})
     return _metaclass(type(base))(base.__name__, (base,), namespace)
 
 
@@ -522,7 +570,7 @@ def install(core: Core, root: nn.Module) -> None:
         # Every module gets a class, those without weights too: they refuse module surgery.
         writes = any(predicate(module) for predicate in WRITES_WEIGHTS)
         derived = _derived_lists(module)
-        cls = managed_class((type(module), order, buffers, module is root, writes, derived))
+        cls = managed_class(Spec(type(module), order, buffers, module is root, writes, derived))
         plan.append((module, cls, order, derived, writes))
     for module, cls, order, derived, writes in plan:
         core.writes = core.writes or writes

@@ -50,7 +50,7 @@ def _holds_state(module: nn.Module) -> bool:
     return any(
         any(p is not None for p in m._parameters.values())
         or any(b is not None for b in m._buffers.values())
-        or getattr(type(m), "_torchreparam_spec", (None, ()))[1]
+        or getattr(getattr(type(m), "_torchreparam_spec", None), "order", ())
         for m in module.modules()
     )
 
@@ -236,7 +236,7 @@ def plain_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     clones = {}
     for sub in module.modules():
         spec = getattr(type(sub), "_torchreparam_spec", None)
-        base = type(sub) if spec is None else spec[0]
+        base = type(sub) if spec is None else spec.base
         clone = object.__new__(base)
         memo[id(sub)] = clone
         clones[id(sub)] = (sub, clone, spec)
@@ -244,17 +244,17 @@ def plain_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         state = {k: v for k, v in sub.__dict__.items() if k != CORE_KEY}
         if spec is not None:
             state["_parameters"] = _own_parameters(sub, spec, params)
-            for attr, names in spec[5]:  # derived lists (RNN's _flat_weights)
+            for attr, names in spec.derived:  # derived lists (RNN's _flat_weights)
                 state[attr] = [None if n is None else state["_parameters"][n] for n in names]
         clone.__dict__.update(copy.deepcopy(state, memo))
     return memo[id(module)]
 
 
 def _own_parameters(
-    sub: nn.Module, spec: tuple[Any, ...], made: dict[int, nn.Parameter]
+    sub: nn.Module, spec: Any, made: dict[int, nn.Parameter]
 ) -> dict[str, nn.Parameter | None]:
     out: dict[str, nn.Parameter | None] = {}
-    for name, slot in spec[1]:
+    for name, slot in spec.order:
         if slot is None:
             out[name] = sub._parameters.get(name)
             continue
