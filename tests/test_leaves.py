@@ -352,3 +352,22 @@ def test_a_parent_of_the_wrapper_lists_flat_param_once() -> None:
     assert [n for n, _ in nn.Sequential(r.module).named_parameters(recurse=False)] == []
     copied = copy.deepcopy(both)  # (copies of the parent: the same lists, of their own tensors)
     assert [n for n, _ in copied.named_parameters()] == list(listed)
+
+
+def test_a_wrapper_pickles_from_a_script_top_level() -> None:
+    # (pickle reads the modules' _parameters from C: at a script's top level no Python frame
+    # is two levels up, and the parameters' lookup of its caller must not fail there)
+    import subprocess
+    import sys
+
+    code = (
+        "import pickle, torch\n"
+        "from torchreparam import ReparamModule\n"
+        "r = ReparamModule(torch.nn.Linear(3, 2))\n"
+        "c = pickle.loads(pickle.dumps(r))\n"
+        "x = torch.randn(4, 3)\n"
+        "assert torch.equal(c(x), r(x))\n"
+        "assert torch.equal(pickle.loads(pickle.dumps(r.module))(x), r(x))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

@@ -129,10 +129,14 @@ class ManagedParameters(dict):
     def items(self) -> Any:
         if not getattr(self, "order", ()) or torch.compiler.is_dynamo_compiling():
             return dict.items(self)
-        walk = sys._getframe(2)  # (items <- named_parameters' lambda <- _named_members)
-        if walk.f_code is not _NAMED_MEMBERS:
+        try:  # (items <- named_parameters' lambda <- _named_members)
+            caller = sys._getframe(1)
+        except ValueError:  # (called from C with no Python frame above: pickle, for one)
             return dict.items(self)
-        module = sys._getframe(1).f_locals.get("module")  # (the lambda's argument: the owner)
+        walk = caller.f_back
+        if walk is None or walk.f_code is not _NAMED_MEMBERS:
+            return dict.items(self)
+        module = caller.f_locals.get("module")  # (the lambda's argument: the owner)
         if not isinstance(module, nn.Module) or module._parameters is not self:
             return dict.items(self)
         core = module.__dict__.get(CORE_KEY)
