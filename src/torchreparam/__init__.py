@@ -7,8 +7,9 @@ inside functions), so a reader can start at either end:
    vector, a frozen value), beside ``_checks`` (input checks), ``_types`` (the public type
    aliases) and ``_hooks`` (torch's global module hooks), which import nothing of ours.
 2. injection: ``_views`` (a vector as the parameters' views), ``_inject`` (``Core``: the
-   per-thread bindings of vectors and buffers), ``_leaves``, ``_guards`` and ``_classes`` (the
-   subclasses that make each managed module read its parameters from the binding), ``_recompute``.
+   per-thread bindings of vectors and buffers), ``_leaves``, ``_guards``, ``_classes`` and
+   ``_class_methods`` (the subclasses that make each managed module read its parameters from
+   the binding), ``_recompute``.
 3. call: ``_call`` (one call with a vector, undone by ``_transaction`` if it raises), ``_trace``,
    ``_population`` with ``_population_job`` and ``_batched*`` (a population of vectors in one
    call), ``_replicate`` (``nn.DataParallel``).
