@@ -359,8 +359,12 @@ def _relay(ref: Any, method: str, slot: int | None, arg: Tensor | None) -> None:
     if method in _BEFORE:
         if arg is not None:  # (an undefined gradient is not accumulated: nothing is written)
             leaves.enter()  # (before self.lock: the window's holder takes self.lock in after_*)
-        with leaves.lock:  # backward passes of several threads: one hook body at a time
-            getattr(leaves, method)(slot, arg)
+        try:
+            with leaves.lock:  # backward passes of several threads: one hook body at a time
+                getattr(leaves, method)(slot, arg)
+        except BaseException:
+            leaves.leave()  # (the backward pass ends here: its post-accumulate hook never runs)
+            raise
         return
     try:
         with leaves.lock:
