@@ -11,7 +11,6 @@ and heads folded into the batch of ``bmm``): the floor a rule-per-layer plan can
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -19,12 +18,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import functional_call, vmap
 
 from torchreparam import ReparamModule, explain_population
 
 from .context import Context
-from .population_cnn import BATCHED, speed_verdict
+from .population_cnn import BATCHED, setup, speed_verdict
 from .report import TIMING_HEADERS, Table, timing_rows
 
 __all__ = ["Block", "hand_written", "population_attention_case"]
@@ -90,15 +89,8 @@ def _contenders(
 ) -> tuple[dict[str, Callable[[], object]], ReparamModule, Tensor]:
     torch.manual_seed(0)
     net = Block().to(x.device).eval()
-    members = [copy.deepcopy(net) for _ in range(size)]
-    r = ReparamModule(net)
-    thetas = r.fresh_flat_param(size).requires_grad_(grad)  # (P, N)
-    forced = {}
-    for strategy in ("batched", "vmap"):
-        forced[strategy] = ReparamModule(copy.deepcopy(members[0])).eval()
-        forced[strategy].population_strategy = strategy
-    params, buffers = stack_module_state(members)
-    base = copy.deepcopy(members[0]).to("meta")
+    r, thetas, forced, params, buffers, base = setup(net, size)
+    thetas.requires_grad_(grad)
 
     def torch_vmap() -> Tensor:
         with warnings.catch_warnings():  # (vmap runs MHA's fast path member by member)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from .report import TIMING_HEADERS, Table, at_most, timing_rows
 from .subprocess_run import TUNED_MALLOC, run_worker, tables_from_json, tables_to_json
 from .timing import Timing, threads
 
-__all__ = ["BATCHED", "main", "population_cnn_case", "speed_verdict"]
+__all__ = ["BATCHED", "Setup", "main", "population_cnn_case", "setup", "speed_verdict"]
 
 LOOP = "loop of single torchreparam calls"
 AUTO = "torchreparam, flat_param=thetas (P, N), 'auto'"
@@ -86,12 +87,20 @@ def speed_verdict(timings: Mapping[str, Timing], speedup: float, vmaps: Sequence
     return ("met: " if 1 / batched.ratio >= speedup and faster > 1 else "missed: ") + text
 
 
-def _table(
-    ctx: Context, name: str, make: type[nn.Module] | object, size: int, allocator: str = ""
-) -> Table:
-    torch.manual_seed(0)
-    net = make().to(ctx.device).eval()  # type: ignore[operator]
-    x = torch.randn(25, 1, 8, 8, device=ctx.device)
+class Setup(NamedTuple):
+    """What every population table starts from: a model's wrapper (``r``), ``size`` members'
+    vectors, a wrapper per forced strategy, and torch.func's state stacked over ``size`` copies
+    of the model, with a meta-device copy to call."""
+
+    r: ReparamModule
+    thetas: Tensor
+    forced: dict[str, ReparamModule]
+    params: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    base: nn.Module
+
+
+def setup(net: nn.Module, size: int) -> Setup:
     members = [copy.deepcopy(net) for _ in range(size)]
     r = ReparamModule(net)
     thetas = r.fresh_flat_param(size)  # (P, N)
@@ -100,7 +109,16 @@ def _table(
         forced[strategy] = ReparamModule(copy.deepcopy(members[0])).eval()
         forced[strategy].population_strategy = strategy
     params, buffers = stack_module_state(members)
-    base = copy.deepcopy(members[0]).to("meta")
+    return Setup(r, thetas, forced, params, buffers, copy.deepcopy(members[0]).to("meta"))
+
+
+def _table(
+    ctx: Context, name: str, make: type[nn.Module] | object, size: int, allocator: str = ""
+) -> Table:
+    torch.manual_seed(0)
+    net = make().to(ctx.device).eval()  # type: ignore[operator]
+    x = torch.randn(25, 1, 8, 8, device=ctx.device)
+    r, thetas, forced, params, buffers, base = setup(net, size)
 
     def torch_vmap() -> Tensor:
         return vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
