@@ -7,7 +7,8 @@ the learning rate and ``theta_0``. Memory: the growth of peak RSS over one outer
 forward+backward, each (contender, K) in a fresh process (glibc tuned to reuse its heap, so
 the peak is the live peak). Time: interleaved rounds in this process, ratios to the full unroll.
 
-Run as a worker: ``python -m benchmarks.unroll CONTENDER K [--smoke]`` prints JSON.
+Run as a worker: ``python -m benchmarks.unroll CONTENDER K [--smoke | --medium]`` prints JSON
+(``--medium``: a smaller net that tests/test_unroll.py measures in seconds).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import resource
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,28 +41,36 @@ except ImportError:
 __all__ = ["unroll_case"]
 
 FULL, CKPT, CKPT5 = "unroll, memory='full'", "unroll, memory='checkpoint'", "checkpoint, segment=5"
+TWO_LEVEL = "checkpoint, segment=10, inner_segment=1"
 TRUNC, IMPLICIT = "truncated, window=10", "implicit (iMAML), prox=1"
 FUNC, HIGHER, ORIGINAL = "torch.func plain unroll", "higher (full unroll)", "original torchreparam"
-MODES: dict[str, dict[str, object]] = {
+MODES: dict[str, dict[str, Any]] = {
     FULL: {"memory": "full"},
     CKPT: {"memory": "checkpoint"},
     CKPT5: {"memory": "checkpoint", "segment": 5},
+    TWO_LEVEL: {"memory": "checkpoint", "segment": 10, "inner_segment": 1},
     TRUNC: {"memory": "truncated", "window": 10},
     IMPLICIT: {"memory": "implicit", "prox": 1.0},
 }
 CONTENDERS = (*MODES, FUNC, HIGHER, ORIGINAL)
+# measured by tests/test_unroll.py only: one level at two-level's stride, for the comparison
+EXTRA_MODES: dict[str, dict[str, Any]] = {
+    "checkpoint, segment=10": {"memory": "checkpoint", "segment": 10},
+}
 KS, SMOKE_KS = (20, 40, 60, 100), (2, 4)
+SIZES = {"full": (32, 16, 32), "medium": (16, 8, 16), "small": (4, 8, 8)}  # channels, side, images
 FIGURE = (
     Path(__file__).resolve().parents[1] / "docs" / "assets" / "benchmarks" / "unroll_memory.png"
 )
 
 
 class Problem:
-    """The distillation problem, built from a seed (``small``: the smoke run's tiny version)."""
+    """The distillation problem, built from a seed (``size``: one of :data:`SIZES`; ``small``
+    is the smoke run's tiny version)."""
 
-    def __init__(self, small: bool = False) -> None:
+    def __init__(self, size: str = "full") -> None:
         torch.manual_seed(0)
-        ch, side, n = (4, 8, 8) if small else (32, 16, 32)
+        ch, side, n = SIZES[size]
         self.net = nn.Sequential(
             nn.Conv2d(3, ch, 3, padding=1), nn.ReLU(), nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(),
             nn.Flatten(), nn.Linear(ch * side * side, 10),
@@ -78,16 +88,16 @@ class Problem:
     def outer(self, theta: Tensor) -> Tensor:
         return F.cross_entropy(self.r(self.real[0], flat_param=theta), self.real[1])
 
-    def ours(self, k: int, mode: dict[str, object]) -> Callable[[], object]:
+    def ours(self, k: int, mode: dict[str, Any]) -> Callable[[], object]:
         def loss(theta: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
             return F.cross_entropy(self.r(batch[0], flat_param=theta), batch[1])
 
         lr = self.lr.detach() if mode["memory"] == "implicit" else self.lr
         if "window" in mode:  # (the one-step warm-up)
-            mode = {**mode, "window": min(k, mode["window"])}  # type: ignore[call-overload]
+            mode = {**mode, "window": min(k, mode["window"])}
         batches = [(self.images, self.labels)] * k
         return lambda: torch.autograd.grad(
-            self.outer(unroll(loss, self.theta0, batches, lr=lr, **mode)),  # type: ignore[arg-type]
+            self.outer(unroll(loss, self.theta0, batches, lr=lr, **mode)),
             [self.images, self.theta0],
         )
 
@@ -113,8 +123,8 @@ class Problem:
         return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
 
     def contender(self, name: str, k: int) -> Callable[[], object]:
-        if name in MODES:
-            return self.ours(k, MODES[name])
+        if name in MODES or name in EXTRA_MODES:
+            return self.ours(k, {**MODES, **EXTRA_MODES}[name])
         if name == FUNC:
             return self.plain_unroll(
                 k, lambda x, t: functional_call(self.plain, self.views(t), (x,))
@@ -129,12 +139,22 @@ class Problem:
 
 
 def _peak_mb() -> float:
+    """This process's peak RSS (MB). Linux's VmHWM is the peak of this program's own memory;
+    ``ru_maxrss`` starts from the RSS of the process that forked it (a large pytest process
+    hid every worker's growth), so it is only the fallback without /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # KiB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def worker(name: str, k: int, small: bool) -> float:
+def worker(name: str, k: int, size: str = "full") -> float:
     """Peak RSS growth (MB) of one outer forward+backward with ``k`` inner steps."""
-    problem = Problem(small)
+    problem = Problem(size)
     problem.contender(name, 1)()  # warm-up: kernels, caches, lazy imports
     run = problem.contender(name, k)
     before = _peak_mb()
@@ -148,7 +168,7 @@ def _memory_table(ctx: Context) -> Table:
     peaks: dict[str, list[float]] = {}
     for name in names:
         if ctx.smoke:  # the code path only, in this process (its figures mean nothing)
-            peaks[name] = [worker(name, k, small=True) for k in ks]
+            peaks[name] = [worker(name, k, "small") for k in ks]
             continue
         peaks[name] = [run_worker("benchmarks.unroll", [name, str(k)], TUNED_MALLOC) for k in ks]
     growth = {n: p[-1] - p[0] for n, p in peaks.items()}
@@ -194,7 +214,7 @@ def _figure(ks: tuple[int, ...], peaks: dict[str, list[float]]) -> None:
 
 def _time_table(ctx: Context) -> Table:
     k = 2 if ctx.smoke else 20
-    problem = Problem(small=ctx.smoke)
+    problem = Problem("small" if ctx.smoke else "full")
     names = (FULL, CKPT) if ctx.smoke else CONTENDERS
     contenders = {n: problem.contender(n, k) for n in names if n != HIGHER or higher is not None}
     timings, failed = ctx.measure(contenders, FULL, ctx.scaled(0.4, 5.0, warmup=1))
@@ -216,6 +236,7 @@ def unroll_case(ctx: Context) -> list[Table]:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    smoke = "--smoke" in sys.argv
-    name, k = [a for a in sys.argv[1:] if a != "--smoke"]
-    print(json.dumps(worker(name, int(k), smoke)))
+    flags = {"--smoke": "small", "--medium": "medium"}
+    size = next((flags[a] for a in sys.argv[1:] if a in flags), "full")
+    name, k = [a for a in sys.argv[1:] if a not in flags]
+    print(json.dumps(worker(name, int(k), size)))

@@ -9,11 +9,14 @@ torchreparam does the bookkeeping: each outer step trains a population of random
 ``(inits, num_params)`` at once (one batched call per step), and ``torchreparam.unroll`` runs the
 differentiable inner SGD steps, whose learning rate is a tensor that requires grad. Two settings:
 10 inner steps with the whole unrolled graph in memory (``memory="full"``), and 10x as many,
-100 inner steps, with ``memory="checkpoint"``: the same exact gradient, from a forward sweep that
-keeps only every ``segment``-th vector and a backward that recomputes one segment at a time, so
-the 100-step unroll needs about the memory of the 10-step one (a little more: 20 stored vectors
-and a 5-step graph against a 10-step graph), not 8x as much. Peak memory of one outer step
-against the number of inner steps is measured for both, each point in a fresh process. The
+100 inner steps, with ``memory="checkpoint"`` in two levels: the same exact gradient, from a
+forward sweep that keeps only every 10th vector (``segment=10``) and a backward that sweeps one
+segment again without a graph, keeping its 10 vectors, then recomputes and differentiates one
+step at a time (``inner_segment=1``). So the 100-step unroll needs less memory than the 10-step
+full one (10 stored vectors, 10 temporary ones and one step's graph, against ten steps'
+graphs), not 8x as much. Peak memory of one outer step against the number of inner steps is
+measured for full, one-level checkpointing (``segment=5``) and two levels, each point in a
+fresh process. The
 evaluation trains many fresh initializations the same way, each on the distilled images or on
 its own random draw of real images (``in_dims=(0,)``), and compares their test accuracy.
 
@@ -106,13 +109,17 @@ def train(
     steps: int,
     memory: Memory = "full",
     segment: int = 1,
+    inner_segment: int | None = None,
 ) -> Tensor:
     """``steps`` full-batch SGD steps of every member of the population ``thetas``.
 
     Differentiable w.r.t. ``x``, ``lr`` and ``thetas`` when they require grad (``memory``:
-    ``"full"`` keeps the whole graph, ``"checkpoint"`` recomputes it segment by segment).
+    ``"full"`` keeps the whole graph, ``"checkpoint"`` recomputes it segment by segment, and
+    with ``inner_segment`` each segment ``inner_segment`` steps at a time).
     """
-    kw: dict[str, Any] = {"segment": segment} if memory == "checkpoint" else {}
+    kw: dict[str, Any] = {}
+    if memory == "checkpoint":
+        kw = {"segment": segment, "inner_segment": inner_segment}
     with torch.set_grad_enabled(torch.is_grad_enabled() and (x.requires_grad or lr.requires_grad)):
         return torchreparam.unroll(
             lambda theta, batch: members_loss(r, theta, batch),
@@ -132,13 +139,16 @@ def outer_loss(
     steps: int,
     memory: Memory,
     segment: int,
+    inner_segment: int | None,
     real: tuple[Tensor, Tensor],
 ) -> Tensor:
     """Real-data loss of fresh initializations trained ``steps`` steps on the synthetic images,
     with the inner learning rate ``sigmoid(lr_logit)``."""
     thetas = random_inits(r, INITS_PER_STEP)
     lr = torch.sigmoid(lr_logit)
-    trained = train(r, thetas, synthetic, torch.arange(10), lr, steps, memory, segment)
+    trained = train(
+        r, thetas, synthetic, torch.arange(10), lr, steps, memory, segment, inner_segment
+    )
     x, y = real
     logits = r(x, flat_param=trained)  # (inits, real_batch, 10)
     return F.cross_entropy(logits.flatten(0, 1), y.repeat(INITS_PER_STEP))
@@ -151,6 +161,7 @@ def distill(
     steps: int,
     memory: Memory,
     segment: int,
+    inner_segment: int | None,
     outer_steps: int,
     gen: torch.Generator,
 ) -> tuple[Tensor, Tensor, float]:
@@ -165,7 +176,7 @@ def distill(
     for _ in bar:
         batch = torch.randint(len(x_train), (REAL_BATCH,), generator=gen)
         real = (x_train[batch], y_train[batch])
-        loss = outer_loss(r, synthetic, lr_logit, steps, memory, segment, real)
+        loss = outer_loss(r, synthetic, lr_logit, steps, memory, segment, inner_segment, real)
         opt.zero_grad()
         loss.backward()  # through every inner step into the images and the learning rate
         opt.step()
@@ -201,7 +212,7 @@ def _proc_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure_child(memory: Memory, steps: int, segment: int) -> None:
+def measure_child(memory: Memory, steps: int, segment: int, inner_segment: int | None) -> None:
     """One outer step (forward and backward) in this fresh process; prints its peak RSS growth.
 
     A 1-step outer step first (libraries and kernels loaded), then the peak RSS is reset
@@ -215,18 +226,19 @@ def measure_child(memory: Memory, steps: int, segment: int) -> None:
     synthetic = torch.randn(10, 64, requires_grad=True)
     lr_logit = torch.tensor(-2.0, requires_grad=True)
     real = (x_train[:REAL_BATCH], y_train[:REAL_BATCH])
-    outer_loss(r, synthetic, lr_logit, 1, memory, 1, real).backward()
+    outer_loss(r, synthetic, lr_logit, 1, memory, 1, None, real).backward()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak resident set size (VmHWM, ru_maxrss) to the current one
     before = _proc_kib("VmRSS")
-    outer_loss(r, synthetic, lr_logit, steps, memory, segment, real).backward()
+    outer_loss(r, synthetic, lr_logit, steps, memory, segment, inner_segment, real).backward()
     print(json.dumps({"peak_mib": (_proc_kib("VmHWM") - before) / 1024}))
 
 
-def measure(memory: Memory, steps: int, segment: int) -> float:
+def measure(memory: Memory, steps: int, segment: int, inner_segment: int | None = None) -> float:
     """Peak memory (MiB) of one outer step with ``steps`` inner steps, in a fresh process."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    command = [sys.executable, __file__, "--measure", memory, str(steps), str(segment)]
+    inner = str(inner_segment or 0)
+    command = [sys.executable, __file__, "--measure", memory, str(steps), str(segment), inner]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"memory measurement {memory} K={steps} failed:\n{done.stderr[-2000:]}")
@@ -245,15 +257,17 @@ def main() -> None:
     parser.add_argument(
         "--long-outer-steps", type=int, help="distillation (outer) steps with 100 inner steps"
     )
-    parser.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)  # memory steps segment
+    # memory steps segment inner_segment (0: one level)
+    parser.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         mode: Memory = "checkpoint" if args.measure[0] == "checkpoint" else "full"
-        measure_child(mode, int(args.measure[1]), int(args.measure[2]))
+        inner = int(args.measure[3]) or None
+        measure_child(mode, int(args.measure[1]), int(args.measure[2]), inner)
         return
     outer_steps = args.outer_steps or (150 if args.quick else 1000)
     long_outer_steps = args.long_outer_steps or (3 if args.quick else 200)
-    inner_steps, long_steps, segment = 10, 100, 5
+    inner_steps, long_steps, segment, inner_segment = 10, 100, 10, 1
     eval_inits = 20 if args.quick else 100
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)  # more only add overhead, a lot on a busy machine
@@ -266,12 +280,13 @@ def main() -> None:
 
     # Today's setting: 10 inner steps, the whole unrolled graph kept (memory="full").
     synthetic, learned_lr, sec_short = distill(
-        r, x_train, y_train, inner_steps, "full", 1, outer_steps, gen
+        r, x_train, y_train, inner_steps, "full", 1, None, outer_steps, gen
     )
-    # 10x the inner steps, exact gradients in bounded memory (memory="checkpoint").
+    # 10x the inner steps, exact gradients in less memory (memory="checkpoint", two levels).
     long_synthetic, long_lr, sec_long = distill(
-        r, x_train, y_train, long_steps, "checkpoint", segment, long_outer_steps, gen
-    )
+        r, x_train, y_train, long_steps, "checkpoint", segment, inner_segment, long_outer_steps,
+        gen,
+    )  # fmt: skip
 
     # Evaluation: fresh initializations, trained the same way on 10 distilled or 10 real images.
     classes = torch.arange(10)
@@ -320,7 +335,8 @@ def main() -> None:
     )
     print(
         f"{long_outer_steps} outer steps x {INITS_PER_STEP} random inits, {long_steps} inner "
-        f"steps (memory='checkpoint', segment={segment}): {sec_long:.2f} s per outer step"
+        f"steps (memory='checkpoint', segment={segment}, inner_segment={inner_segment}): "
+        f"{sec_long:.2f} s per outer step"
     )
     print(f"learned inner learning rate: {learned_lr.item():.3f} ({inner_steps} steps), "
           f"{long_lr.item():.3f} ({long_steps} steps)")  # fmt: skip
@@ -343,17 +359,24 @@ def main() -> None:
         print("memory figure: skipped with --quick (run without it to measure and plot)")
         return
     ks = (10, 20, 50, 100)
-    modes: tuple[Memory, ...] = ("full", "checkpoint")
-    peaks = {m: [measure(m, k, segment if m == "checkpoint" else 1) for k in ks]
-             for m in modes}  # fmt: skip
-    for m, values in peaks.items():
+    settings: dict[str, tuple[Memory, int, int | None]] = {
+        "memory='full'": ("full", 1, None),
+        "memory='checkpoint', segment=5": ("checkpoint", 5, None),
+        f"checkpoint, segment={segment}, inner_segment={inner_segment}": (
+            "checkpoint", segment, inner_segment,
+        ),
+    }  # fmt: skip
+    peaks = {name: [measure(m, k, s, i) for k in ks] for name, (m, s, i) in settings.items()}
+    for name, values in peaks.items():
         listed = ", ".join(f"K={k} {v:.1f}" for k, v in zip(ks, values, strict=True))
-        print(f"peak memory of one outer step (MiB over the process before it), {m}: {listed}")
+        print(f"peak memory of one outer step (MiB over the process before it), {name}: {listed}")
+    today = peaks["memory='full'"][0]
+    for name, values in list(peaks.items())[1:]:
+        print(f"{name}, K={ks[-1]}: {values[-1] / today:.2f}x the memory of full, K={ks[0]}")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    labels = {"full": "memory='full'", "checkpoint": f"memory='checkpoint', segment={segment}"}
-    for m, values in peaks.items():
-        ax.plot(ks, values, marker="o", label=labels[m])
-    ax.axhline(peaks["full"][0], color="gray", ls=":", lw=1, label=f"full, K={ks[0]} (today)")
+    for name, values in peaks.items():
+        ax.plot(ks, values, marker="o", label=name)
+    ax.axhline(today, color="gray", ls=":", lw=1, label=f"full, K={ks[0]} (today)")
     ax.set(xlabel="inner SGD steps K", ylabel="peak memory of one outer step (MiB)")
     ax.set_title(
         f"{INITS_PER_STEP} inits x MLP 64-128-10, forward + backward; each point a fresh\n"

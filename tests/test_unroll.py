@@ -8,7 +8,11 @@ twin with a per-tensor dict, ``torch.autograd.grad(..., create_graph=True)`` and
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 from conftest import reference
 from torch import Tensor, nn
 
+from benchmarks.subprocess_run import TUNED_MALLOC
 from torchreparam import AdamState, ReparamModule, SGDState, adam, sgd, unroll
 
 OPTIMIZERS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
@@ -94,14 +99,16 @@ def _close(got: tuple[Tensor, ...], want: tuple[Tensor, ...], rtol: float, atol:
 
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
-@pytest.mark.parametrize("memory", ["full", "checkpoint", "checkpoint-3", "checkpoint-20"])
+@pytest.mark.parametrize(
+    "memory", ["full", "checkpoint", "checkpoint-3", "checkpoint-20", "checkpoint-3-1"]
+)
 def test_exact_modes_equal_the_plain_loop_in_float64(opt: str, memory: str) -> None:
     task = Task()
     update, hyper = OPTIMIZERS[opt]
     batches = task.batches(7)
     want, _ = plain_loop(task.reference_loss, task.theta0, batches, update, lr=task.lr, **hyper)
-    mode, _, segment = memory.partition("-")
-    extra = {"segment": int(segment)} if segment else {}
+    mode, *strides = memory.split("-")
+    extra = dict(zip(["segment", "inner_segment"], map(int, strides), strict=False))
     got = unroll(
         task.loss, task.theta0, batches, optimizer=update, memory=mode, lr=task.lr, **extra, **hyper
     )  # type: ignore[arg-type]
@@ -121,7 +128,7 @@ def test_checkpoint_equals_full_in_float32_at_rtol_1e5(opt: str) -> None:
     _close(_grads(ckpt, task), _grads(full, task), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("memory", ["full", "checkpoint"])
+@pytest.mark.parametrize("memory", ["full", "checkpoint", "two-level"])
 def test_gradcheck_float64(memory: str) -> None:
     torch.manual_seed(0)
     r = ReparamModule(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double())
@@ -131,6 +138,8 @@ def test_gradcheck_float64(memory: str) -> None:
         return F.cross_entropy(r(batch, flat_param=theta), y)
 
     def f(theta: Tensor, x: Tensor, lr: Tensor) -> Tensor:
+        if memory == "two-level":
+            return unroll(loss, theta, [x] * 5, segment=3, inner_segment=1, lr=lr, momentum=0.9)
         return unroll(loss, theta, [x] * 3, memory=memory, lr=lr, momentum=0.9)  # type: ignore[arg-type]
 
     inputs = (
@@ -328,6 +337,16 @@ def test_a_batch_changed_in_place_before_backward_is_refused() -> None:
         ({"memory": "implicit"}, ValueError, "memory='implicit' needs prox=lambda > 0"),
         ({"window": 2}, ValueError, "window applies to memory='truncated' only"),
         ({"segment": 0}, ValueError, "segment must be a positive int"),
+        ({"segment": True}, ValueError, "segment must be a positive int"),
+        ({"segment": 2, "inner_segment": 3}, ValueError, "inner_segment must be an int in [1, "),
+        ({"segment": 2, "inner_segment": 0}, ValueError, "segment=2), or None, but got 0"),
+        ({"segment": 2, "inner_segment": 1.0}, ValueError, "inner_segment must be an int"),
+        ({"segment": 2, "inner_segment": True}, ValueError, "inner_segment must be an int"),
+        (
+            {"memory": "full", "inner_segment": 1},
+            ValueError,
+            "inner_segment applies to memory='checkpoint' only",
+        ),
         ({"optimizer": "rmsprop"}, ValueError, "optimizer must be one of ['adam', 'sgd']"),
         ({"lr": 0.1, "betas": (0.9, 0.9)}, TypeError, "unknown ['betas']; it takes"),
         ({"optimizer": "sgd", "lr": None, "momentum": 0.1, "drop": 1}, TypeError, "unknown"),
@@ -484,3 +503,111 @@ def test_float32_relu_population_under_vmap_recomputes_exactly() -> None:
     for _ in range(2):
         unroll(loss, theta0, [x] * 100, memory="checkpoint", lr=0.12).sum().backward()
     assert x.grad is not None
+
+
+# ---- two-level checkpointing (inner_segment) ------------------------------------------------
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+@pytest.mark.parametrize(
+    ("k", "segment", "inner"), [(1, 1, 1), (6, 3, 1), (13, 5, 2), (13, 4, 4), (20, 7, 3), (9, 9, 1)]
+)
+def test_two_level_checkpoint_equals_the_full_unroll_in_float64(
+    opt: str, k: int, segment: int, inner: int
+) -> None:
+    task = Task()
+    update, hyper = OPTIMIZERS[opt]
+    batches = task.batches(k)
+    full = unroll(task.loss, task.theta0, batches, optimizer=update, memory="full", lr=task.lr,
+                  **hyper)  # fmt: skip
+    got = unroll(task.loss, task.theta0, batches, optimizer=update, segment=segment,
+                 inner_segment=inner, lr=task.lr, **hyper)  # fmt: skip
+    torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-12)
+    _close(_grads(got, task), _grads(full, task), rtol=1e-10, atol=1e-12)
+
+
+def test_two_level_population_state_and_per_step_batches_equal_the_full_unroll() -> None:
+    task = Task(population=3)
+    xs = [torch.randn(6, 1, 5, 5, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    batches = [(xs[t % 3], task.y) for t in range(11)]
+    momentum = torch.randn_like(task.theta0).requires_grad_()
+
+    def summed(theta: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return sum(task.loss(row, batch) for row in theta.unbind())  # type: ignore[return-value]
+
+    res = {}
+    for memory, extra in (("full", {}), ("checkpoint", {"segment": 4, "inner_segment": 1})):
+        out = unroll(summed, task.theta0, batches, memory=memory, state=SGDState(momentum),
+                     lr=task.lr, momentum=0.9, return_state=True, **extra)  # fmt: skip
+        assert isinstance(out.state, SGDState)
+        assert out.state.momentum_buffer is not None
+        loss = (out.theta * torch.randn_like(out.theta, generator=torch.Generator().manual_seed(0))
+                ).sum() + out.state.momentum_buffer.square().sum()  # fmt: skip
+        res[memory] = (out.theta, *torch.autograd.grad(loss, [task.theta0, momentum, task.lr, *xs]))
+    _close(res["checkpoint"], res["full"], 1e-10, 1e-12)
+
+
+def test_two_level_threads_buffers_and_replays_dropout() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Dropout(0.3), nn.Tanh(),
+                        nn.Linear(8, 1)).double()  # fmt: skip
+    r = ReparamModule(net)
+    x = torch.randn(16, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(16, 1, dtype=torch.float64)
+    start = {k: v.clone() for k, v in net.named_buffers()}
+
+    def loss(theta: Tensor, batch: Any, buffers: Any) -> tuple[Tensor, Any]:
+        out, new = r.pure(batch[0], flat_param=theta, buffers=buffers)
+        return F.mse_loss(out, batch[1]), new
+
+    theta0 = r.flat_param.detach().clone().requires_grad_()
+    res = {}
+    for memory, extra in (("full", {}), ("checkpoint", {"segment": 3, "inner_segment": 1})):
+        torch.manual_seed(1)
+        got = unroll(loss, theta0, [(x, y)] * 8, memory=memory, buffers=start, lr=0.1,
+                     return_state=True, **extra)  # fmt: skip
+        after = torch.rand(1)  # the generator ends where the plain loop leaves it
+        assert isinstance(got.buffers, dict)
+        res[memory] = (got.theta, after, got.buffers["1.running_mean"],
+                       *torch.autograd.grad(got.theta.sum(), [theta0, x]))  # fmt: skip
+        assert got.buffers["1.num_batches_tracked"].item() == 8
+    _close(res["checkpoint"], res["full"], 1e-10, 1e-12)
+
+
+def test_two_level_refuses_a_loss_that_is_not_a_function_of_its_inputs() -> None:
+    task = Task()
+    gen = torch.Generator().manual_seed(0)
+
+    def noisy(theta: Tensor, batch: Any) -> Tensor:
+        noise = torch.randn(batch[0].shape, generator=gen, dtype=torch.float64)
+        return task.loss(theta, (batch[0] + noise, batch[1]))
+
+    out = unroll(noisy, task.theta0, task.batches(6), segment=3, inner_segment=1, lr=0.5)
+    with pytest.raises(RuntimeError, match="gave another vector than the forward sweep"):
+        out.sum().backward()
+
+
+def _peak_mb(contender: str, k: int) -> subprocess.Popen[str]:
+    """The benchmark's worker (peak RSS growth of one outer step, tuned glibc) on its medium
+    net, in a fresh process."""
+    env = {**os.environ, **TUNED_MALLOC}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "benchmarks.unroll", contender, str(k), "--medium"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_level_needs_less_memory_than_one_level_at_100_steps() -> None:
+    """Peak RSS of one outer step with K=100, each mode in a fresh process: two levels
+    (segment=10, inner_segment=1) below one level with the same stride and with segment=5."""
+    names = ["checkpoint, segment=10, inner_segment=1", "checkpoint, segment=10",
+             "checkpoint, segment=5"]  # fmt: skip
+    running = [_peak_mb(name, 100) for name in names]
+    peaks = []
+    for proc in running:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        peaks.append(json.loads(out.strip().splitlines()[-1]))
+    two_level, one_level, one_level_5 = peaks
+    assert two_level < one_level, peaks
+    assert two_level < one_level_5, peaks

@@ -3,30 +3,45 @@
 The inner loops of MAML, dataset distillation and hyperparameter learning, as one call:
 ``theta_K = unroll(inner_loss, theta_0, batches, optimizer="sgd", memory=..., lr=...)``.
 The memory modes trade time for memory (``full``: today's plain unroll; ``checkpoint``: the
-same gradient, recomputing steps; ``truncated`` and ``implicit``: approximations whose memory
-does not grow with K). See the "Long inner loops" page of the docs.
+same gradient, recomputing steps, in one or two levels; ``truncated`` and ``implicit``:
+approximations whose memory does not grow with K). See the "Long inner loops" page of the docs.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, NamedTuple, TypeAlias, overload
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from ._inner import adam, sgd
+from ._inner import AdamState, SGDState, adam, sgd
+from ._types import Buffers
 from ._unroll_checkpoint import checkpointed
 from ._unroll_implicit import implicit
 from ._unroll_inputs import Inputs
 from ._unroll_step import Step
 
-__all__ = ["Unrolled", "unroll"]
+__all__ = ["InnerLoss", "InnerOptimizer", "OptimizerState", "Unrolled", "unroll"]
 
 Memory = Literal["full", "checkpoint", "truncated", "implicit"]
-_OPTIMIZERS: dict[str, Callable[..., tuple[Tensor, Any]]] = {"sgd": sgd, "adam": adam}
+
+OptimizerState: TypeAlias = (
+    SGDState | AdamState | Tensor | tuple[object, ...] | Mapping[str, object] | None
+)
+"""The optimizer's state between steps: :class:`SGDState` or :class:`AdamState` for the built-in
+optimizers, ``None`` before the first step, or a custom optimizer function's own (a tensor, or a
+tuple or dict of tensors)."""
+
+InnerLoss: TypeAlias = Callable[..., Tensor | tuple[Tensor, Buffers]]
+"""``inner_loss(theta, batch) -> scalar``, or with threaded buffers
+``inner_loss(theta, batch, buffers) -> (scalar, new_buffers)``."""
+
+InnerOptimizer: TypeAlias = Callable[..., tuple[Tensor, OptimizerState]]
+"""``update(theta, grad, state, **hyperparameters) -> (theta, state)``, as :func:`sgd`."""
+_OPTIMIZERS: dict[str, InnerOptimizer] = {"sgd": sgd, "adam": adam}
 _MODES = ("full", "checkpoint", "truncated", "implicit")
 
 
@@ -40,26 +55,87 @@ class Unrolled(NamedTuple):
     """
 
     theta: Tensor
-    state: Any
-    buffers: Any
+    state: OptimizerState
+    buffers: Buffers
 
 
+@overload
 def unroll(
-    inner_loss: Callable[..., Any],
+    inner_loss: InnerLoss,
     theta: Tensor,
-    batches: Iterable[Any],
+    batches: Iterable[object],
     *,
-    optimizer: str | Callable[..., tuple[Tensor, Any]] = "sgd",
+    optimizer: str | InnerOptimizer = "sgd",
     memory: Memory = "checkpoint",
-    state: Any = None,
-    buffers: Any = None,
+    state: OptimizerState = None,
+    buffers: Buffers = None,
     segment: int = 1,
+    inner_segment: int | None = None,
+    window: int | None = None,
+    prox: float | None = None,
+    cg_steps: int = 20,
+    return_state: Literal[False] = False,
+    **hyperparameters: object,
+) -> Tensor: ...
+
+
+@overload
+def unroll(
+    inner_loss: InnerLoss,
+    theta: Tensor,
+    batches: Iterable[object],
+    *,
+    optimizer: str | InnerOptimizer = "sgd",
+    memory: Memory = "checkpoint",
+    state: OptimizerState = None,
+    buffers: Buffers = None,
+    segment: int = 1,
+    inner_segment: int | None = None,
+    window: int | None = None,
+    prox: float | None = None,
+    cg_steps: int = 20,
+    return_state: Literal[True],
+    **hyperparameters: object,
+) -> Unrolled: ...
+
+
+@overload
+def unroll(
+    inner_loss: InnerLoss,
+    theta: Tensor,
+    batches: Iterable[object],
+    *,
+    optimizer: str | InnerOptimizer = "sgd",
+    memory: Memory = "checkpoint",
+    state: OptimizerState = None,
+    buffers: Buffers = None,
+    segment: int = 1,
+    inner_segment: int | None = None,
     window: int | None = None,
     prox: float | None = None,
     cg_steps: int = 20,
     return_state: bool = False,
-    **hyperparameters: Any,
-) -> Any:
+    **hyperparameters: object,
+) -> Tensor | Unrolled: ...
+
+
+def unroll(
+    inner_loss: InnerLoss,
+    theta: Tensor,
+    batches: Iterable[object],
+    *,
+    optimizer: str | InnerOptimizer = "sgd",
+    memory: Memory = "checkpoint",
+    state: OptimizerState = None,
+    buffers: Buffers = None,
+    segment: int = 1,
+    inner_segment: int | None = None,
+    window: int | None = None,
+    prox: float | None = None,
+    cg_steps: int = 20,
+    return_state: bool = False,
+    **hyperparameters: object,
+) -> Tensor | Unrolled:
     """Run ``len(batches)`` differentiable inner optimizer steps from ``theta``.
 
     Step ``t`` is ``theta, state = optimizer(theta, grad, state, **hyperparameters)`` with
@@ -82,21 +158,32 @@ def unroll(
             a function with the signature of :func:`~torchreparam.sgd`.
         memory: ``"full"`` keeps every step's graph (differentiable twice); ``"checkpoint"``
             keeps the vector and state every ``segment`` steps and recomputes one segment at a
-            time during backward (the same gradient, once differentiable); ``"truncated"``
-            differentiates through the last ``window`` steps only (earlier steps pass the
-            gradient to ``theta`` unchanged, as first-order MAML); ``"implicit"`` (iMAML) adds
+            time during backward (the same gradient, once differentiable; with
+            ``inner_segment``, in two levels); ``"truncated"`` differentiates through the last
+            ``window`` steps only (earlier steps pass the gradient to ``theta`` unchanged, as
+            first-order MAML); ``"implicit"`` (iMAML) adds
             ``prox / 2 * ||theta - theta_0||^2`` to every step's loss and differentiates at the
             optimum by conjugate gradients (``cg_steps``; exact only at the optimum).
-        state: the optimizer's state to start from (``None``: a fresh one).
+        state: the optimizer's state to start from (``None``: a fresh one): an
+            ``SGDState``/``AdamState``, or a custom optimizer's own (a tensor, or a tuple or
+            dict of them).
         buffers: buffers threaded through the steps (BatchNorm's running statistics with
-            :meth:`ReparamModule.pure`), for the modes that recompute steps.
+            :meth:`ReparamModule.pure`, a ``{name: tensor}`` dict), for the modes that
+            recompute steps.
         segment: ``"checkpoint"``: steps per stored vector (memory ``K / segment`` vectors plus
             one segment's graph).
+        inner_segment: ``"checkpoint"``: two-level checkpointing. During backward each segment
+            is first swept again without a graph, keeping the vector and state every
+            ``inner_segment`` steps, then recomputed ``inner_segment`` steps at a time with
+            their graph: memory ``K / segment + segment / inner_segment`` vectors plus
+            ``inner_segment`` steps' graph, for one more graph-free pass over the steps. An int
+            in ``[1, segment]``; ``None`` (default): one level. For the least memory:
+            ``segment`` about ``sqrt(K)`` and ``inner_segment=1``.
         window: ``"truncated"``: the number of last steps differentiated through.
         prox: ``"implicit"``: the strength of the proximal term (> 0).
         cg_steps: ``"implicit"``: at most this many conjugate-gradient iterations.
         return_state: return :class:`Unrolled` ``(theta, state, buffers)``.
-        **hyperparameters: the optimizer's, as numbers or tensors.
+        **hyperparameters: the optimizer's, as numbers or tensors (``betas``: a tuple).
 
     Returns:
         The vector after the last step, or :class:`Unrolled` with ``return_state=True``.
@@ -125,12 +212,13 @@ def unroll(
         )
     update, hyper = _optimizer(optimizer, hyperparameters)
     steps = _batches(batches)
-    _check(theta, memory, segment, window, prox, cg_steps, len(steps))
+    _check(theta, memory, segment, inner_segment, window, prox, cg_steps, len(steps))
     step = Step(inner_loss, update, buffers is not None)
     if memory == "full" or not steps:
         out = _full(step, theta, state, steps, buffers, hyper)
     elif memory == "checkpoint":
-        out = checkpointed(step, Inputs(theta, state, steps, hyper), buffers, segment)
+        inputs = Inputs(theta, state, steps, hyper)
+        out = checkpointed(step, inputs, buffers, segment, inner_segment)
     elif memory == "truncated":
         assert window is not None
         out = _truncated(step, theta, state, steps, buffers, hyper, window)
@@ -142,7 +230,12 @@ def unroll(
 
 
 def _full(
-    step: Step, theta: Tensor, state: Any, steps: list[Any], buffers: Any, hyper: dict[str, Any]
+    step: Step,
+    theta: Tensor,
+    state: OptimizerState,
+    steps: list[Any],
+    buffers: Buffers,
+    hyper: dict[str, Any],
 ) -> tuple[Tensor, Any, Any]:
     graph = torch.is_grad_enabled()
     for batch in steps:
@@ -216,6 +309,7 @@ def _check(
     theta: Any,
     memory: str,
     segment: int,
+    inner_segment: int | None,
     window: int | None,
     prox: float | None,
     cg_steps: int,
@@ -230,12 +324,22 @@ def _check(
     if memory not in _MODES:
         raise ValueError(f"memory must be one of {list(_MODES)}, but got {memory!r}")
     _only(memory, "checkpoint", "segment", segment != 1)
+    _only(memory, "checkpoint", "inner_segment", inner_segment is not None)
     _only(memory, "truncated", "window", window is not None)
     _only(memory, "implicit", "prox", prox is not None)
     _only(memory, "implicit", "cg_steps", cg_steps != 20)
-    if not isinstance(segment, int) or segment < 1:
+    if isinstance(segment, bool) or not isinstance(segment, int) or segment < 1:
         raise ValueError(
             f"segment must be a positive int (steps per stored vector), got {segment!r}"
+        )
+    if inner_segment is not None and (
+        isinstance(inner_segment, bool)
+        or not isinstance(inner_segment, int)
+        or not 1 <= inner_segment <= segment
+    ):
+        raise ValueError(
+            "inner_segment must be an int in [1, segment] (steps per carry kept while a "
+            f"segment is recomputed; segment={segment!r}), or None, but got {inner_segment!r}"
         )
     if memory == "truncated" and (not isinstance(window, int) or not 0 <= window <= steps):
         raise ValueError(

@@ -9,10 +9,18 @@ of the segment's start carry to the segment before. The gradients w.r.t. the bat
 tensors and the hyperparameters are summed over segments. Memory: the stored carries plus one
 segment's graph; time: every step runs twice, once without a graph.
 
+With two levels (``inner``, the ``inner_segment`` of ``unroll``), a segment is not recomputed
+with its whole graph: it is first swept again without a graph from its stored carry, keeping
+the carry every ``inner`` steps in scratch rows that every segment reuses, and then the
+sub-segments are recomputed with their graph from the last, as above. Memory: the stored
+carries, one segment's scratch carries and ``inner`` steps' graph; time: one more
+graph-free pass over every step.
+
 A recomputed segment must reproduce the forward sweep, so the forward sweep refuses a loss that
 reads tensors requiring grad from a closure or changes tensors in place, random draws of the
-default generators are replayed, and each recomputed segment's end is compared with the stored
-one: a loss that is not a function of its inputs is refused, never differentiated wrongly.
+default generators are replayed, and each recomputed segment's end (and each second-level
+sweep's) is compared with the stored one: a loss that is not a function of its inputs is
+refused, never differentiated wrongly.
 """
 
 from __future__ import annotations
@@ -35,13 +43,22 @@ Carry = tuple[Tensor, Any, Any]  # (theta, optimizer state, threaded buffers)
 
 
 class Plan:
-    """What the forward sweep needs and what it leaves for the backward."""
+    """What the forward sweep needs and what it leaves for the backward.
 
-    def __init__(self, step: Step, inputs: Inputs, buffers: Any, segment: int) -> None:
+    ``segment``: steps per stored carry; ``inner``: during backward, steps per carry kept
+    while a segment is swept again without a graph (``None``: the segment's whole graph at
+    once, no second sweep).
+    """
+
+    def __init__(
+        self, step: Step, inputs: Inputs, buffers: Any, segment: int, inner: int | None = None
+    ) -> None:
         self.step, self.inputs, self.buffers, self.segment = step, inputs, buffers, segment
+        self.inner = inner if inner is not None and inner < segment else None
         self.stored: dict[int, Carry] = {}
         self.rng: list[tuple[Tensor, ...] | None] = []
         self.end: Carry | None = None
+        self.scratch: _Bank | None = None  # the second level's carries, reused per segment
 
     def forward(self, tensors: tuple[Tensor, ...], needs: tuple[bool, ...]) -> Carry:
         inputs, step = self.inputs, self.step
@@ -73,38 +90,80 @@ class Plan:
         inputs = self.inputs
         inputs.check_unchanged()
         grads: list[Tensor | None] = [None] * len(inputs.tensors)
+        # the inputs as leaves, requiring grad as in the forward sweep (the same kernels)
+        leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs.tensors, needs, strict=True)]
         starts = sorted(self.stored, reverse=True)
         ends = [len(inputs.batches), *starts[:-1]]
         for start, end in zip(starts, ends, strict=True):
-            adjoint = self._segment(start, end, needs, adjoint, grads)
+            if all(a is None for a in adjoint):  # nothing flows further back
+                adjoint = [None] * (1 + len(inputs.state_indices))
+                break
+            two_levels = self.inner is not None and end - start > self.inner
+            carries = self._sweep(start, end, leaves) if two_levels else {}
+            carries[start] = self.stored[start]
+            sub_starts = sorted(carries, reverse=True)
+            for sub_start, sub_end in zip(sub_starts, [end, *sub_starts[:-1]], strict=True):
+                want = carries[sub_end][0] if sub_end in carries else self._stored(sub_end)[0]
+                adjoint = self._segment(
+                    carries[sub_start], sub_start, sub_end, want, leaves, adjoint, grads
+                )
         for i, a in zip([0, *inputs.state_indices], adjoint, strict=True):
             grads[i] = add_grad(grads[i], a)
         return [g if need else None for g, need in zip(grads, needs, strict=True)]
 
+    def _stored(self, t: int) -> Carry:
+        stored = self.end if t == len(self.inputs.batches) else self.stored[t]
+        assert stored is not None
+        return stored
+
+    def _sweep(self, start: int, end: int, leaves: list[Tensor]) -> dict[int, Carry]:
+        """The second level: steps ``start..end`` again without a graph, keeping the carry at
+        every ``inner``-th step after ``start`` (in scratch rows reused by every segment)."""
+        inputs, step, inner = self.inputs, self.step, self.inner
+        assert inner is not None
+        if self.scratch is None:
+            self.scratch = _Bank(-(-self.segment // inner) - 1)
+        theta, state, buffers = self.stored[start]
+        carry: Carry = (theta, state, buffers)
+        hyper = inputs.build(inputs.hyper, leaves)
+        rng = Rng(theta)
+        kept: dict[int, Carry] = {}
+        for t in range(start, end):
+            if t > start and (t - start) % inner == 0:
+                kept[t] = self.scratch.keep((t - start) // inner - 1, carry)
+            with rng.replay(self.rng[t]):
+                carry = step(*carry[:2], inputs.build(inputs.batches[t], leaves), carry[2],
+                             hyper, graph=False)  # fmt: skip
+        self._check_reproduced(carry[0], theta, self._stored(end)[0], end)
+        return kept
+
     def _segment(
         self,
+        carry: Carry,
         start: int,
         end: int,
-        needs: tuple[bool, ...],
+        want: Tensor,
+        leaves: list[Tensor],
         adjoint: list[Tensor | None],
         grads: list[Tensor | None],
     ) -> list[Tensor | None]:
+        """Steps ``start..end`` from ``carry`` with their graph (``want``: the vector the
+        sweep without a graph reached at ``end``); the adjoint at ``start``."""
         inputs, step = self.inputs, self.step
-        theta, state, buffers = self.stored[start]
-        leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs.tensors, needs, strict=True)]
-        wanted = [i for i, n in enumerate(needs) if n]
+        theta, state, buffers = carry
+        wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
         rng = Rng(theta)
         with torch.enable_grad():
             theta0 = theta.detach().requires_grad_()
             state_leaves, spec = tree_flatten(state)
             state_leaves = [_leaf(x) for x in state_leaves]
-            carry: Carry = (theta0, tree_unflatten(state_leaves, spec), buffers)
+            carry = (theta0, tree_unflatten(state_leaves, spec), buffers)
             hyper = inputs.build(inputs.hyper, leaves)
             for t in range(start, end):
                 with rng.replay(self.rng[t]):
                     carry = step(*carry[:2], inputs.build(inputs.batches[t], leaves), carry[2],
                                  hyper, graph=True)  # fmt: skip
-        self._check_reproduced(carry[0], theta, end)
+        self._check_reproduced(carry[0], theta, want, end)
         outs, outs_adjoint = _pairs([carry[0], *_tensors(carry[1])], adjoint)
         starts = [theta0, *_tensors(state_leaves)]
         if not outs:  # no adjoint reached this segment's end: nothing flows further back
@@ -116,13 +175,11 @@ class Plan:
             grads[i] = add_grad(grads[i], g)
         return list(found[: len(starts)])
 
-    def _check_reproduced(self, theta: Tensor, before: Tensor, end: int) -> None:
-        stored = self.end if end == len(self.inputs.batches) else self.stored[end]
-        assert stored is not None
+    def _check_reproduced(self, theta: Tensor, before: Tensor, want: Tensor, end: int) -> None:
         with torch.no_grad():
-            error = (theta - stored[0]).abs().max()
-            move = (stored[0] - before).abs().max()
-            scale = stored[0].abs().max()
+            error = (theta - want).abs().max()
+            move = (want - before).abs().max()
+            scale = want.abs().max()
             eps = torch.finfo(theta.dtype).eps
             if error > 1e-3 * move + 1e3 * eps * scale:
                 raise RuntimeError(
@@ -197,9 +254,11 @@ class _Checkpointed(torch.autograd.Function):
         return (None, *plan.backward(ctx.needs_input_grad[1:], list(adjoint)))
 
 
-def checkpointed(step: Step, inputs: Inputs, buffers: Any, segment: int) -> Carry:
+def checkpointed(
+    step: Step, inputs: Inputs, buffers: Any, segment: int, inner: int | None = None
+) -> Carry:
     """Run the loop; the returned vector and state differentiate through recomputation."""
-    plan = Plan(step, inputs, buffers, segment)
+    plan = Plan(step, inputs, buffers, segment, inner)
     outs = _Checkpointed.apply(plan, *inputs.tensors)
     assert plan.end is not None
     _, state, buffers = plan.end
