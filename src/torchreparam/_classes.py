@@ -93,10 +93,10 @@ def _own_forward(base_forward: Callable[..., Any]) -> Callable[..., Any]:
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if _is_dynamo():  # (compiled code reads flat_param itself: see _compiled_param)
             return base_forward(self, *args, **kwargs)
-        core: Core = self.__dict__[CORE_KEY]
         binding = _active()
-        if binding is not None and binding.core is core and CHAIN.top is binding:
-            return base_forward(self, *args, **kwargs)  # (the hot path: inside the tree's call)
+        core: Core = self.__dict__[CORE_KEY]
+        if binding is not None and binding[0] is core:  # (binding.core: the hot path, by index)
+            return base_forward(self, *args, **kwargs)  # inside a call of the tree: bound
         if core.writes or tracing() or innermost(core) is not None:
             return base_forward(self, *args, **kwargs)
         return call_bound(core, core.unwrapped_params(), None, base_forward, (self, *args), kwargs)

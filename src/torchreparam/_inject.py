@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 CORE_KEY = "_torchreparam_core"
+_MAKING = threading.Lock()  # making a tree's leaves (once, on first use)
 
 
 class Binding(NamedTuple):
@@ -233,8 +234,11 @@ class Core:
     def _made_leaves(self, flat: Tensor) -> Leaves:
         leaves = self.leaves
         if leaves is None:
-            leaves = self.leaves = Leaves(self.layout, flat)
-            self._cache = None  # the own views are made again, with the leaves as inputs
+            with _MAKING:  # (two threads' first uses must not make two sets of leaves)
+                leaves = self.leaves
+                if leaves is None:
+                    leaves = self.leaves = Leaves(self.layout, flat)
+                    self._cache = None  # the own views are made again, with the leaves as inputs
         return leaves
 
     def unwrapped_params(self) -> tuple[Tensor, ...]:
@@ -344,7 +348,7 @@ def call_bound(
     chain = _active()  # (current(), inlined: this runs on every call, and reads top anyway)
     top = CHAIN.top
     outer = top if top is not chain and top is not None and top.traced else chain
-    binding = _binding(core, params, buffers, outer, guard, False)
+    binding = _new_tuple(Binding, (core, params, buffers, outer, guard, False))  # (inlined)
     token = _ACTIVE.set(binding)
     CHAIN.top = binding
     try:

@@ -250,6 +250,10 @@ class Leaves:
             )
         held.add(id(self))
 
+    def holding(self) -> bool:
+        held = getattr(_HELD, "ids", None)
+        return bool(held) and id(self) in held  # type: ignore[operator]
+
     def leave(self) -> None:
         held = getattr(_HELD, "ids", None)
         if held and id(self) in held:
@@ -357,8 +361,9 @@ def _relay(ref: Any, method: str, slot: int | None, arg: Tensor | None) -> None:
     if leaves is None:
         return
     if method in _BEFORE:
-        if arg is not None:  # (an undefined gradient is not accumulated: nothing is written)
-            leaves.enter()  # (before self.lock: the window's holder takes self.lock in after_*)
+        if arg is None:  # an undefined gradient: torch accumulates nothing, nor do the hooks
+            return
+        leaves.enter()  # (before self.lock: the window's holder takes self.lock in after_*)
         try:
             with leaves.lock:  # backward passes of several threads: one hook body at a time
                 getattr(leaves, method)(slot, arg)
@@ -366,6 +371,8 @@ def _relay(ref: Any, method: str, slot: int | None, arg: Tensor | None) -> None:
             leaves.leave()  # (the backward pass ends here: its post-accumulate hook never runs)
             raise
         return
+    if not leaves.holding():  # (its gradient hook saw none: nothing was accumulated here, and
+        return  # another thread's accumulation may be under way at this tensor)
     try:
         with leaves.lock:
             getattr(leaves, method)(slot, arg)
