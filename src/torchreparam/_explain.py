@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from ._batched import Plan
@@ -11,17 +9,18 @@ from ._batched_graph import GraphPlan
 from ._checks import check_flat_param
 from ._module import ReparamModule
 from ._population import prepare
+from ._types import Buffers, InDims
 
 __all__ = ["explain_population"]
 
 
 def explain_population(
     r: ReparamModule,
-    *inputs: Any,
+    *inputs: object,
     flat_param: Tensor,
-    buffers: Any = None,
-    in_dims: Any = None,
-    **kwargs: Any,
+    buffers: Buffers = None,
+    in_dims: InDims = None,
+    **kwargs: object,
 ) -> str:
     """How ``r(*inputs, flat_param=flat_param, ...)`` runs for a population, in words.
 
