@@ -371,3 +371,19 @@ def test_a_wrapper_pickles_from_a_script_top_level() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_parent_that_gains_the_wrapper_lists_flat_param_alone() -> None:
+    # (each walk answers for itself: after the wrapper joins the parent, its walks list
+    # flat_param, not the leaves as well: an optimizer would step each weight twice)
+    r, _, _ = _pair()
+    outer = nn.ModuleList([r.module])
+    for _ in range(3):
+        assert len(list(outer.parameters())) == 4
+    outer.append(r)
+    for _ in range(3):
+        listed = list(outer.parameters())
+        assert len(listed) == 1
+        assert listed[0] is r.flat_param
+    del outer[1]
+    assert len(list(outer.parameters())) == 4

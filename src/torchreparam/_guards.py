@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -98,7 +97,6 @@ class _Refused(ValueError, KeyError):
 
 
 _NAMED_MEMBERS = nn.Module._named_members.__code__
-_LAST_WALK = threading.local()  # (frame id, root id, core id, answer) of this thread's last walk
 
 
 class ManagedParameters(dict):
@@ -171,20 +169,33 @@ class ManagedParameters(dict):
 
 def _outside_the_wrapper(walk: Any, core: Any) -> bool:
     """Whether the parameter walk ``walk`` (a frame of ``nn.Module._named_members``) starts at
-    a module outside the tree of ``core`` whose submodules do not include the wrapper."""
-    root = walk.f_locals.get("self")
-    key = (id(walk), id(root), id(core))
-    last = getattr(_LAST_WALK, "value", None)
-    if last is not None and last[:3] == key:
-        return bool(last[3])
+    a module outside the tree of ``core`` whose submodules do not include the wrapper.
+
+    Answered once per walk and tree: the answer is left in the walk's own ``memo`` set (a
+    marker object of the tree's), which lives as long as the walk."""
+    local = walk.f_locals
+    root, memo = local.get("self"), local.get("memo")
+    markers = core.__dict__.get("_walk_markers")
+    if markers is None:
+        markers = core.__dict__["_walk_markers"] = (_Marker(), _Marker())  # (outside, inside)
+    if isinstance(memo, set):
+        if markers[0] in memo:
+            return True
+        if markers[1] in memo:
+            return False
     holder = core._holder()
     answer = (
         isinstance(root, nn.Module)
         and CORE_KEY not in root.__dict__
         and (holder is None or all(m is not holder for m in root.modules()))
     )
-    _LAST_WALK.value = (*key, answer)
+    if isinstance(memo, set):
+        memo.add(markers[0] if answer else markers[1])
     return answer
+
+
+class _Marker:
+    """A walk's answer for one tree, kept in the walk's memo set (compared by identity)."""
 
 
 _CHANGERS = {  # code -> (name, what to do)
